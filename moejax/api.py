@@ -1,0 +1,97 @@
+"""The Python API: `moejax.load(path) -> Model`, `Model.forward(tokens) -> logits`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from moejax import checkpoint
+from moejax.config import MoEConfig
+from moejax.errors import CheckpointError
+from moejax.model.decoder import Decoder, empty_cache
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class Model:
+    """A decoder with all experts resident on the device: the reference for offloading."""
+
+    def __init__(self, config: MoEConfig, glob: dict, layers: list[dict], path: Path | None = None):
+        self.config = config
+        self.path = path
+        self.module = Decoder(config, glob, layers)
+        self.graphdef, self.state = nnx.split(self.module)
+        self._tokenizer = None
+
+    @property
+    def dtype(self):
+        return self.module.dtype
+
+    def forward(self, tokens) -> np.ndarray:
+        """tokens int [B, T] -> float32 logits [B, T, V] (full causal forward, all experts resident)."""
+        from moejax.generate import run_decoder
+
+        tokens = jnp.asarray(np.asarray(tokens, np.int32))
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+        cache = empty_cache(self.config, tokens.shape[0], tokens.shape[1], self.dtype)
+        logits, _ = run_decoder(self.graphdef, self.state, tokens, cache, jnp.int32(0))
+        return np.asarray(logits)
+
+    def generate(self, prompt, max_new_tokens: int, **kw):
+        from moejax.generate import generate
+
+        return generate(self, prompt, max_new_tokens, **kw)
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's own tokenizer (`tokenizers.Tokenizer`), or None if it has none."""
+        if self._tokenizer is None and self.path is not None and (self.path / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        return self._tokenizer
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOEJAX_CACHE", Path.home() / ".cache" / "moejax"))
+
+
+def _converted_copy(src: Path) -> Path:
+    """Convert an HF directory once into the cache, keyed by its path and file stamps."""
+    from moejax.convert import convert
+
+    h = hashlib.sha256(str(src.resolve()).encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    dst = cache_dir() / f"{src.name}-{h.hexdigest()[:16]}"
+    if not checkpoint.is_checkpoint(dst):
+        convert(src, dst, force=True, progress=False)
+    return dst
+
+
+def load(path: str | Path, dtype: str | None = None) -> Model:
+    """Load a converted checkpoint, or an HF directory (converted on the fly into the cache)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory")
+    if not checkpoint.is_checkpoint(path):
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            path = _converted_copy(path)
+        else:
+            raise CheckpointError(f"{path} is not a moejax or Hugging Face checkpoint")
+    cfg, glob, layers = checkpoint.load_params(path)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        cast = lambda d: {k: v.astype(DTYPES[dtype]) for k, v in d.items()}  # noqa: E731
+        glob, layers = cast(glob), [cast(p) for p in layers]
+    return Model(cfg, glob, layers, path)

@@ -1,0 +1,196 @@
+"""Hugging Face safetensors -> moejax checkpoint.
+
+The key map is declarative: `source_table(cfg, layout)` lists every tensor the source must
+hold, with its expected shape and where (and how transformed) it lands in our parameters.
+Unknown, missing, duplicate and mis-shaped tensors are all found from the headers before a
+byte is written; then layers are converted one at a time into a temporary directory that
+is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from moejax import checkpoint, families
+from moejax.config import MoEConfig, read_hf_config
+from moejax.errors import CheckpointError, ConversionError
+from moejax.model.params import global_shapes, layer_shapes
+from moejax.safetensors_io import TensorInfo, index_checkpoint, read_tensor
+
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One HF tensor: expected shape, and where it goes: target[index] = transform(tensor)."""
+
+    key: str
+    shape: tuple[int, ...]
+    scope: int | None  # layer index, or None for global parameters
+    target: str
+    index: tuple = ()
+    transform: Callable[[np.ndarray], np.ndarray] = lambda a: a
+
+
+def _t(a):
+    return a.T
+
+
+def _linear(key, scope, target, n_in, n_out):
+    """nn.Linear weight [out, in] -> ours [in, out]."""
+    return Source(key, (n_out, n_in), scope, target, (), _t)
+
+
+def _swiglu(prefix, names, scope, target, H, I, lead=()):
+    """gate/up [I, H] -> target[..., 0/1] = [H, I]; down [H, I] -> target[..., 2] as is."""
+    gate, up, down = names
+    return [
+        Source(f"{prefix}.{gate}.weight", (I, H), scope, target, (*lead, 0), _t),
+        Source(f"{prefix}.{up}.weight", (I, H), scope, target, (*lead, 1), _t),
+        Source(f"{prefix}.{down}.weight", (H, I), scope, target, (*lead, 2)),
+    ]
+
+
+def source_table(cfg: MoEConfig, fused: bool) -> dict[str, Source]:
+    """Every tensor the HF checkpoint must contain, by key."""
+    H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
+    E, I = cfg.num_experts, cfg.moe_intermediate_size
+    names = families.get(cfg.model_type).EXPERTS
+    hf_mlp = ("gate_proj", "up_proj", "down_proj")
+    src = [
+        Source("model.embed_tokens.weight", (V, H), None, "embed"),
+        Source("model.norm.weight", (H,), None, "final_norm"),
+    ]
+    if not cfg.tie_word_embeddings:
+        src.append(_linear("lm_head.weight", None, "lm_head", H, V))
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}"
+        a = f"{p}.self_attn"
+        src += [
+            Source(f"{p}.input_layernorm.weight", (H,), i, "attn_norm"),
+            Source(f"{p}.post_attention_layernorm.weight", (H,), i, "mlp_norm"),
+            _linear(f"{a}.q_proj.weight", i, "wq", H, q),
+            _linear(f"{a}.k_proj.weight", i, "wk", H, kv),
+            _linear(f"{a}.v_proj.weight", i, "wv", H, kv),
+            _linear(f"{a}.o_proj.weight", i, "wo", q, H),
+        ]
+        if cfg.qkv_bias:
+            src += [Source(f"{a}.{n}_proj.bias", (s,), i, f"b{n}") for n, s in (("q", q), ("k", kv), ("v", kv))]
+        if cfg.o_bias:
+            src.append(Source(f"{a}.o_proj.bias", (H,), i, "bo"))
+        if cfg.qk_norm != "none":
+            qs, ks = ((D,), (D,)) if cfg.qk_norm == "head" else ((q,), (kv,))
+            src += [Source(f"{a}.q_norm.weight", qs, i, "q_norm"), Source(f"{a}.k_norm.weight", ks, i, "k_norm")]
+        if not cfg.moe_layers[i]:
+            src += _swiglu(f"{p}.mlp", hf_mlp, i, "mlp", H, cfg.dense_intermediate_size)
+            continue
+        block = f"{p}.mlp" if fused else f"{p}.{names.block}"
+        src.append(_linear(f"{block}.gate.weight", i, "router", H, E))
+        if fused:
+            # gate_up_proj [E, 2I, H] (gate rows first) -> experts[:, 0:2] = [E, 2, H, I]
+            src.append(Source(f"{block}.experts.gate_up_proj", (E, 2 * I, H), i, "experts",
+                              (slice(None), slice(0, 2)),
+                              lambda a, E=E, I=I, H=H: a.reshape(E, 2, I, H).transpose(0, 1, 3, 2)))
+            src.append(Source(f"{block}.experts.down_proj", (E, H, I), i, "experts", (slice(None), 2)))
+        else:
+            gate_up_down = (names.gate, names.up, names.down)
+            for e in range(E):
+                src += _swiglu(f"{block}.experts.{e}", gate_up_down, i, "experts", H, I, lead=(e,))
+        if cfg.shared_intermediate_size:
+            src += _swiglu(f"{block}.shared_expert", hf_mlp, i, "shared", H, cfg.shared_intermediate_size)
+            if cfg.shared_expert_gate:
+                src.append(_linear(f"{block}.shared_expert_gate.weight", i, "shared_gate", H, 1))
+    return {s.key: s for s in src}
+
+
+def check_tensors(table: dict[str, Source], tensors: dict[str, TensorInfo], cfg: MoEConfig) -> None:
+    """Key-set equality and shapes, from headers only."""
+    extra = set(tensors) - set(table)
+    if cfg.tie_word_embeddings:
+        extra.discard("lm_head.weight")  # some writers keep the tied copy; it is the embedding
+    if extra:
+        raise ConversionError(f"unknown tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
+    missing = set(table) - set(tensors)
+    if missing:
+        raise ConversionError(f"missing tensor {sorted(missing)[0]} ({len(missing)} missing in all)")
+    for key, s in table.items():
+        if tensors[key].shape != s.shape:
+            raise ConversionError(f"tensor {key} has shape {list(tensors[key].shape)}, expected {list(s.shape)}")
+
+
+def _assemble(sources: list[Source], shapes: dict, tensors: dict[str, TensorInfo], dtype) -> dict[str, np.ndarray]:
+    out = {name: np.empty(shape, dtype) for name, shape in shapes.items()}
+    for s in sources:
+        value = s.transform(read_tensor(tensors[s.key]))
+        if s.index:
+            out[s.target][s.index] = value
+        else:
+            out[s.target] = np.ascontiguousarray(value, dtype=dtype)
+    return out
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False,
+            progress: bool = True) -> MoEConfig:
+    """Convert an HF checkpoint directory into a moejax checkpoint at dst."""
+    from tqdm.auto import tqdm
+
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise CheckpointError(f"source {src} does not exist")
+    if not src.is_dir():
+        raise CheckpointError(f"source {src} is not a directory")
+    if dst.exists() and not force:
+        raise CheckpointError(f"destination {dst} exists (use --force to overwrite)")
+    hf = read_hf_config(src)
+    cfg = MoEConfig.from_hf(hf)
+    if dtype is None:
+        dtype = "bfloat16" if str(hf.get("dtype", hf.get("torch_dtype"))) == "bfloat16" else "float32"
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    np_dtype = DTYPES[dtype]
+
+    tensors = index_checkpoint(src)
+    fused = any(k.endswith("experts.gate_up_proj") for k in tensors)
+    table = source_table(cfg, fused)
+    check_tensors(table, tensors, cfg)
+
+    by_scope: dict[int | None, list[Source]] = {}
+    for s in table.values():
+        by_scope.setdefault(s.scope, []).append(s)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        scopes = [None, *range(cfg.num_layers)]
+        for scope in tqdm(scopes, desc=f"convert {src.name}", unit="layer", disable=not progress):
+            if scope is None:
+                tree = _assemble(by_scope[None], global_shapes(cfg), tensors, np_dtype)
+                checkpoint.save_item(tmp, "global", tree)
+            else:
+                tree = _assemble(by_scope[scope], layer_shapes(cfg, scope), tensors, np_dtype)
+                checkpoint.save_item(tmp, checkpoint.layer_name(scope), tree)
+        shutil.copy(src / "config.json", tmp / "config.json")
+        for name in checkpoint.TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy(src / name, tmp / name)
+        checkpoint.write_meta(tmp, cfg, dtype)
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cfg

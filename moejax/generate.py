@@ -1,0 +1,127 @@
+"""Sampling and the resident generation loop (prefill, then one jitted step per token).
+
+The step is compiled once per (batch, cache length, sampling settings); the position is a
+traced scalar, so decoding never recompiles per token. Prompts are padded at the end to a
+multiple of PAD so prefill compiles for few distinct lengths; causal masking keeps the
+padding invisible, and decode overwrites its cache slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.model.decoder import empty_cache
+
+PAD = 16
+CACHE_ROUND = 64
+
+
+def sample(logits, key, temperature: float, top_p: float):
+    """logits [B, V] float32 -> token ids [B]. temperature 0 = greedy."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)  # [B, 1]
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
+def run_decoder(graphdef, state, tokens, cache, pos):
+    """tokens [B, T] -> float32 logits [B, T, V], new cache."""
+    return nnx.merge(graphdef, state)(tokens, cache, pos)
+
+
+@partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(3,))
+def prefill_step(graphdef, state, tokens, cache, last, key, temperature, top_p):
+    """Prefill a padded prompt; sample from the logits at index `last`."""
+    logits, cache = nnx.merge(graphdef, state)(tokens, cache, jnp.int32(0))
+    last_logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)  # [B, V]
+    return sample(last_logits, key, temperature, top_p), last_logits, cache
+
+
+@partial(jax.jit, static_argnums=(0, 6, 7), donate_argnums=(3,))
+def decode_step(graphdef, state, token, cache, pos, key, temperature, top_p):
+    """One token per row: token [B] at position pos -> next token [B], logits [B, V], cache."""
+    logits, cache = nnx.merge(graphdef, state)(token[:, None], cache, pos)
+    logits = logits[:, 0]
+    return sample(logits, key, temperature, top_p), logits, cache
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per batch row (stop token included if hit)
+    ttft_s: float
+    step_s: list[float]  # wall time of each decode step after the first token
+
+    @property
+    def tpot_ms(self) -> float:
+        return 1e3 * float(np.mean(self.step_s)) if self.step_s else float("nan")
+
+
+def cache_length(prompt_len: int, max_new_tokens: int) -> int:
+    n = prompt_len + max_new_tokens
+    return -(-n // CACHE_ROUND) * CACHE_ROUND
+
+
+def pad_prompt(prompt: np.ndarray) -> np.ndarray:
+    """[B, T] -> [B, ceil(T / PAD) * PAD], padded at the end with token 0."""
+    B, T = prompt.shape
+    Tp = -(-T // PAD) * PAD
+    return np.pad(prompt, ((0, 0), (0, Tp - T)))
+
+
+def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, stop_ids=(), on_token: Callable[[np.ndarray], None] | None = None) -> Generation:
+    """Resident generation. prompt: int array [B, T]. Stops when every row hit a stop id."""
+    prompt = np.asarray(prompt, np.int32)
+    B, T = prompt.shape
+    S = cache_length(T, max_new_tokens)
+    graphdef, state = model.graphdef, model.state
+    cache = empty_cache(model.config, B, S, model.dtype)
+    key = jax.random.PRNGKey(seed)
+    temperature, top_p = float(temperature), float(top_p)
+    stop = np.asarray(list(stop_ids), np.int32)
+
+    t0 = time.perf_counter()
+    key, sub = jax.random.split(key)
+    tok, _, cache = prefill_step(graphdef, state, jnp.asarray(pad_prompt(prompt)), cache,
+                                 jnp.int32(T - 1), sub, temperature, top_p)
+    tok_host = np.asarray(tok)  # blocks until the first token is ready
+    ttft = time.perf_counter() - t0
+    out = [tok_host]
+    done = np.isin(tok_host, stop)
+    if on_token:
+        on_token(tok_host)
+    steps = []
+    for i in range(1, max_new_tokens):
+        if done.all():
+            break
+        t = time.perf_counter()
+        key, sub = jax.random.split(key)
+        tok, _, cache = decode_step(graphdef, state, tok, cache, jnp.int32(T + i - 1), sub, temperature, top_p)
+        tok_host = np.asarray(tok)  # synchronises: the token is needed on the host anyway
+        steps.append(time.perf_counter() - t)
+        out.append(tok_host)
+        done |= np.isin(tok_host, stop)
+        if on_token:
+            on_token(tok_host)
+    ids = np.stack(out, axis=1)  # [B, n]
+    tokens = []
+    for row in ids:
+        hits = np.nonzero(np.isin(row, stop))[0]
+        tokens.append(row[: hits[0] + 1].tolist() if len(hits) else row.tolist())
+    return Generation(tokens, ttft, steps)

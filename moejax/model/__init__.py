@@ -1,0 +1,1 @@
+"""Flax NNX MoE decoder (resident reference) and its building blocks."""

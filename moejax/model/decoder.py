@@ -1,0 +1,157 @@
+"""The MoE decoder as Flax NNX modules.
+
+One decoder serves every family; family quirks are `MoEConfig` flags (qkv bias, q/k norm
+kind, shared expert, dense layers). With all experts resident this is the reference model
+that every offloaded path is tested against. A layer exposes its stages separately
+(`attention`, `route`, `mlp_output`) so the offloaded engine can stop between the router
+and the experts to plan transfers on the host.
+
+KV cache: per layer a pair (k, v) of [B, S, K, D] arrays, S static; `pos` is the absolute
+position of the first new token. All batch rows share positions (no ragged batches).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from moejax.config import MoEConfig
+from moejax.model import layers as L
+from moejax.model import moe
+from moejax.model.params import global_shapes, layer_shapes
+
+
+def _param(value):
+    return nnx.Param(jnp.asarray(value))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: MoEConfig, index: int, p: dict):
+        self.cfg = cfg
+        self.index = index
+        self.is_moe = cfg.moe_layers[index]
+        names = layer_shapes(cfg, index)
+        if set(p) != set(names):
+            raise ValueError(f"layer {index}: expected params {sorted(names)}, got {sorted(p)}")
+        for name in ("bq", "bk", "bv", "bo", "q_norm", "k_norm", "router", "experts", "shared", "shared_gate", "mlp"):
+            setattr(self, name, _param(p[name]) if name in p else None)  # optional params
+        for name in ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo"):
+            setattr(self, name, _param(p[name]))
+
+    # ---- attention ----------------------------------------------------------------------
+    def attention(self, x, kv, pos, cos, sin):
+        """x [B, T, H] (pre-norm residual stream) -> attention output [B, T, H], new kv."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
+        q, k, v = h @ self.wq[...], h @ self.wk[...], h @ self.wv[...]  # [B, T, Q*D], [B, T, K*D] x2
+        if cfg.qkv_bias:
+            q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+        if cfg.qk_norm == "proj":
+            q = L.rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = L.rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q = L.rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+            k = L.rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+        q, k = L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin)
+        k_cache, v_cache = kv
+        k_cache = _write(k_cache, k.astype(k_cache.dtype), pos)
+        v_cache = _write(v_cache, v.astype(v_cache.dtype), pos)
+        out = L.attend(q, k_cache, v_cache, pos + jnp.arange(T)) @ self.wo[...]  # [B, T, H]
+        if cfg.o_bias:
+            out = out + self.bo[...]
+        return out, (k_cache, v_cache)
+
+    # ---- MLP stages ---------------------------------------------------------------------
+    def mlp_input(self, x):
+        """Residual stream [N, H] -> normalised MLP input [N, H]."""
+        return L.rms_norm(x, self.mlp_norm[...], self.cfg.rms_norm_eps)
+
+    def route(self, h):
+        """h [N, H] -> router probabilities over all experts, float32 [N, E]."""
+        return moe.router_probs(h, self.router[...])
+
+    def dense_output(self, h):
+        """Everything in the MLP block that is not a routed expert: the dense MLP of a
+        non-MoE layer, or the (gated) shared expert of a MoE layer; zeros if neither."""
+        if not self.is_moe:
+            return L.swiglu(h, self.mlp[...])
+        if self.shared is None:
+            return jnp.zeros_like(h)
+        out = L.swiglu(h, self.shared[...])
+        if self.shared_gate is not None:
+            out = out * nnx.sigmoid(h @ self.shared_gate[...])  # [N, 1] gate
+        return out
+
+    def __call__(self, x, kv, pos, cos, sin):
+        """Resident layer: x [B, T, H] -> x [B, T, H], new kv."""
+        B, T, H = x.shape
+        a, kv = self.attention(x, kv, pos, cos, sin)
+        x = x + a
+        flat = x.reshape(B * T, H)
+        h = self.mlp_input(flat)
+        out = self.dense_output(h)
+        if self.is_moe:
+            weights, idx = moe.top_k(self.route(h), self.cfg.top_k, self.cfg.norm_topk_prob)
+            out = out + moe.experts_resident(h, self.experts[...], idx, weights)
+        return x + out.reshape(B, T, H), kv
+
+
+def _write(cache, new, pos):
+    """Write new [B, T, K, D] into cache [B, S, K, D] at sequence position pos."""
+    zero = jnp.zeros((), jnp.int32)
+    return lax.dynamic_update_slice(cache, new, (zero, jnp.asarray(pos, jnp.int32), zero, zero))
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: MoEConfig, glob: dict, layer_params: list[dict]):
+        self.cfg = cfg
+        if set(glob) != set(global_shapes(cfg)):
+            raise ValueError(f"expected global params {sorted(global_shapes(cfg))}, got {sorted(glob)}")
+        self.embed = _param(glob["embed"])
+        self.final_norm = _param(glob["final_norm"])
+        self.lm_head = _param(glob["lm_head"]) if "lm_head" in glob else None
+        self.layers = nnx.List(DecoderLayer(cfg, i, p) for i, p in enumerate(layer_params))
+
+    @property
+    def dtype(self):
+        return self.embed.value.dtype
+
+    def embed_tokens(self, tokens):
+        return self.embed[...][tokens]  # [B, T, H]
+
+    def rope(self, pos, T: int, B: int):
+        positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
+        return L.rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+
+    def logits(self, x):
+        """Final norm + LM head: x [..., H] -> float32 logits [..., V]."""
+        h = L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return (h @ head).astype(jnp.float32)
+
+    def __call__(self, tokens, cache, pos):
+        """tokens [B, T] int32, cache: tuple of (k, v) per layer, pos scalar -> logits [B, T, V], cache."""
+        B, T = tokens.shape
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rope(pos, T, B)
+        new_cache = []
+        for layer, kv in zip(self.layers, cache):
+            x, kv = layer(x, kv, pos, cos, sin)
+            new_cache.append(kv)
+        return self.logits(x), tuple(new_cache)
+
+
+def empty_cache(cfg: MoEConfig, batch: int, length: int, dtype):
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def cache_bytes(cfg: MoEConfig, batch: int, length: int, itemsize: int) -> int:
+    return 2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim * itemsize

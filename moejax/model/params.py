@@ -1,0 +1,73 @@
+"""Parameter shapes, declared once.
+
+The converter checks every tensor against these shapes, the random initialiser builds
+from them, and the offloading budget counts bytes from them. Naming convention: a linear
+map is stored [in, out]; a SwiGLU block is stored as one [3, H, I] array (gate, up, down
+transposed), so one routed expert is one contiguous block and a fetch is one copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from moejax.config import MoEConfig
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def global_shapes(cfg: MoEConfig) -> Shapes:
+    s = {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        s["lm_head"] = (cfg.hidden_size, cfg.vocab_size)
+    return s
+
+
+def layer_shapes(cfg: MoEConfig, layer: int) -> Shapes:
+    H, D = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
+    s: Shapes = {
+        "attn_norm": (H,),
+        "mlp_norm": (H,),
+        "wq": (H, q),
+        "wk": (H, kv),
+        "wv": (H, kv),
+        "wo": (q, H),
+    }
+    if cfg.qkv_bias:
+        s.update(bq=(q,), bk=(kv,), bv=(kv,))
+    if cfg.o_bias:
+        s["bo"] = (H,)
+    if cfg.qk_norm == "head":
+        s.update(q_norm=(D,), k_norm=(D,))
+    elif cfg.qk_norm == "proj":
+        s.update(q_norm=(q,), k_norm=(kv,))
+    if cfg.moe_layers[layer]:
+        s["router"] = (H, cfg.num_experts)
+        s["experts"] = (cfg.num_experts, *cfg.expert_shape)  # [E, 3, H, I]
+        if cfg.shared_intermediate_size:
+            s["shared"] = (3, H, cfg.shared_intermediate_size)
+            if cfg.shared_expert_gate:
+                s["shared_gate"] = (H, 1)
+    else:
+        s["mlp"] = (3, H, cfg.dense_intermediate_size)
+    return s
+
+
+def nbytes(shapes: Shapes, itemsize: int) -> int:
+    return sum(math.prod(v) for v in shapes.values()) * itemsize
+
+
+def random_params(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> tuple[dict, list[dict]]:
+    """Random weights of the right shapes (norm weights = 1), for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+
+    def make(name, shape):
+        if name.endswith("norm"):
+            return np.ones(shape, dtype)
+        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dtype)
+
+    glob = {k: make(k, v) for k, v in global_shapes(cfg).items()}
+    layers = [{k: make(k, v) for k, v in layer_shapes(cfg, i).items()} for i in range(cfg.num_layers)]
+    return glob, layers
