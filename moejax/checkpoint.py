@@ -61,7 +61,14 @@ def read_meta(path: Path) -> tuple[MoEConfig, str]:
         raise CheckpointError(f"{path} is not a moejax checkpoint ({e})") from None
 
 
+def _check_path(path: Path) -> None:
+    # tensorstore (under orbax) cannot read back a checkpoint whose path holds brackets
+    if any(c in str(path.absolute()) for c in "[]"):
+        raise CheckpointError(f"{path}: a checkpoint path cannot contain '[' or ']'")
+
+
 def save_item(path: Path, name: str, tree: dict[str, np.ndarray]) -> None:
+    _check_path(path)
     ck = _checkpointer()
     ck.save((path / "weights" / name).absolute(), tree)
     ck.wait_until_finished()
@@ -69,6 +76,7 @@ def save_item(path: Path, name: str, tree: dict[str, np.ndarray]) -> None:
 
 def load_item(path: Path, name: str) -> dict[str, np.ndarray]:
     """One item as host numpy arrays (never placed on a device)."""
+    _check_path(path)
     item = (Path(path) / "weights" / name).absolute()
     if not item.is_dir():
         raise CheckpointError(f"{path}: missing weights/{name}")

@@ -1,0 +1,156 @@
+"""`moejax convert|decode`: thin argparse front ends; heavy imports happen inside commands.
+
+Bad input (a `MoejaxError`, or a flag argparse rejects) prints one line `error: ...` on
+stderr and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from moejax.errors import MoejaxError
+
+BUNDLED = "moejax-shakespeare-moe"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(2)
+
+
+def bundled_model() -> Path:
+    """The default model shipped in the repository's checkpoints/ folder."""
+    path = Path(__file__).resolve().parent.parent / "checkpoints" / BUNDLED
+    if not path.is_dir():
+        raise MoejaxError(f"the bundled model is not at {path}; pass --model DIR")
+    return path
+
+
+def write_json(path: str, obj) -> None:
+    """Write atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise MoejaxError(f"--json: directory {path.parent} does not exist")
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cmd_convert(args) -> None:
+    from moejax.convert import convert
+
+    cfg = convert(args.src, args.dst, dtype=args.dtype, force=args.force)
+    print(f"converted {cfg.model_type}: {cfg.num_layers} layers, {cfg.num_experts} experts/layer, "
+          f"top-{cfg.top_k} -> {args.dst}", file=sys.stderr)
+
+
+def cmd_decode(args) -> None:
+    import numpy as np
+
+    import moejax
+    from moejax.model.params import global_shapes, layer_shapes, nbytes
+
+    if not args.prompt:
+        raise MoejaxError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise MoejaxError("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise MoejaxError("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise MoejaxError("--top-p must be in (0, 1]")
+    model = moejax.load(args.model or bundled_model())
+    cfg, tok = model.config, model.tokenizer
+    if tok is None:
+        raise MoejaxError(f"{model.path} has no tokenizer.json")
+    prompt = tok.encode(args.prompt).ids
+    if not prompt:
+        raise MoejaxError("--prompt encodes to no tokens")
+    if len(prompt) + args.max_new_tokens > cfg.max_position_embeddings:
+        raise MoejaxError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
+                          f"the model's context of {cfg.max_position_embeddings}")
+
+    itemsize = np.dtype(model.dtype).itemsize
+    weights = nbytes(global_shapes(cfg), itemsize) + sum(
+        nbytes(layer_shapes(cfg, i), itemsize) for i in range(cfg.num_layers))
+    from moejax.generate import cache_length
+    from moejax.model.decoder import cache_bytes
+
+    kv = cache_bytes(cfg, 1, cache_length(len(prompt), args.max_new_tokens), itemsize)
+    n_experts = cfg.num_experts * len(cfg.moe_layer_ids)
+    print(f"model {cfg.model_type} ({model.path.name}), {model.dtype}; plan: policy resident, weights "
+          f"{weights / 2**20:.1f} MiB ({n_experts} routed experts, all on device), KV cache {kv / 2**20:.1f} MiB",
+          file=sys.stderr)
+
+    shown = ""
+    generated: list[int] = []
+
+    def stream(tok_ids):
+        nonlocal shown
+        generated.append(int(tok_ids[0]))
+        text = tok.decode(generated)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+
+    sys.stdout.write(args.prompt)
+    g = model.generate(np.array([prompt]), args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, stop_ids=cfg.eos_token_ids, on_token=stream)
+    sys.stdout.write("\n")
+    tokens = g.tokens[0]
+    tps = 1e3 / g.tpot_ms if g.step_s else float("nan")
+    print(f"{len(tokens)} tokens | hit rate 1.000 (resident) | bytes moved 0 | TTFT {1e3 * g.ttft_s:.1f} ms | "
+          f"TPOT {g.tpot_ms:.2f} ms ({tps:.1f} tok/s)", file=sys.stderr)
+    if args.json:
+        write_json(args.json, {
+            "tokens": tokens, "text": tok.decode(tokens), "prompt_tokens": len(prompt),
+            "policy": "resident", "alpha": 0.0, "budget_bytes": weights + kv, "pool_slots": n_experts,
+            "hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "transfers": 0,
+            "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "peak_device_bytes": weights + kv,
+            "model": str(model.path), "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+        })
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moejax", description="MoE inference with expert offloading in JAX")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face MoE checkpoint")
+    c.add_argument("src", help="HF checkpoint directory (config.json + *.safetensors)")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weight dtype (default: the source's)")
+    c.add_argument("--force", action="store_true", help="overwrite dst if it exists")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("decode", help="generate text from a prompt")
+    d.add_argument("--model", help="converted or HF checkpoint directory (default: the bundled model)")
+    d.add_argument("--prompt", required=True)
+    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", help="write a JSON record of the run here")
+    d.set_defaults(func=cmd_decode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MoejaxError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

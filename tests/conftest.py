@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """Session cache of (hf_dir, converted_dir, torch_model) keyed by a test-chosen name,
+    so tests that share a tiny model convert it once."""
+    from moejax.convert import convert
+    from tiny import save_hf
+
+    root = tmp_path_factory.mktemp("tiny")
+    made = {}
+
+    def get(name, config, seed=0, fused=False):
+        if name not in made:
+            hf_dir = root / f"{name}-hf"
+            torch_model = save_hf(hf_dir, config, seed=seed, fused=fused)
+            out = root / f"{name}-mj"
+            convert(hf_dir, out, progress=False)
+            made[name] = (hf_dir, out, torch_model)
+        return made[name]
+
+    return get
