@@ -82,7 +82,7 @@ def cmd_decode(args) -> None:
 
     kv = cache_bytes(cfg, 1, cache_length(len(prompt), args.max_new_tokens), itemsize)
     n_experts = cfg.num_experts * len(cfg.moe_layer_ids)
-    print(f"model {cfg.model_type} ({model.path.name}), {model.dtype}; plan: policy resident, weights "
+    print(f"model {cfg.model_type} ({args.model or model.path}), {model.dtype}; plan: policy resident, weights "
           f"{weights / 2**20:.1f} MiB ({n_experts} routed experts, all on device), KV cache {kv / 2**20:.1f} MiB",
           file=sys.stderr)
 
@@ -100,18 +100,19 @@ def cmd_decode(args) -> None:
 
     sys.stdout.write(args.prompt)
     g = model.generate(np.array([prompt]), args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, stop_ids=cfg.eos_token_ids, on_token=stream)
+                       top_p=args.top_p, seed=args.seed, stop_ids=cfg.eos_token_ids, on_token=stream,
+                       warmup=True)
     sys.stdout.write("\n")
     tokens = g.tokens[0]
     tps = 1e3 / g.tpot_ms if g.step_s else float("nan")
     print(f"{len(tokens)} tokens | hit rate 1.000 (resident) | bytes moved 0 | TTFT {1e3 * g.ttft_s:.1f} ms | "
-          f"TPOT {g.tpot_ms:.2f} ms ({tps:.1f} tok/s)", file=sys.stderr)
+          f"TPOT {g.tpot_ms:.2f} ms ({tps:.1f} tok/s) | compile {g.warmup_s:.1f} s", file=sys.stderr)
     if args.json:
         write_json(args.json, {
             "tokens": tokens, "text": tok.decode(tokens), "prompt_tokens": len(prompt),
             "policy": "resident", "alpha": 0.0, "budget_bytes": weights + kv, "pool_slots": n_experts,
             "hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "transfers": 0,
-            "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "peak_device_bytes": weights + kv,
+            "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "compile_s": g.warmup_s, "peak_device_bytes": weights + kv,
             "model": str(model.path), "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         })
 

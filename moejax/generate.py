@@ -64,8 +64,9 @@ def decode_step(graphdef, state, token, cache, pos, key, temperature, top_p):
 @dataclasses.dataclass
 class Generation:
     tokens: list[list[int]]  # generated ids per batch row (stop token included if hit)
-    ttft_s: float
+    ttft_s: float  # prompt submitted -> first token on the host (compilation excluded if warmed up)
     step_s: list[float]  # wall time of each decode step after the first token
+    warmup_s: float = 0.0  # compilation + one untimed prefill and decode step
 
     @property
     def tpot_ms(self) -> float:
@@ -85,8 +86,12 @@ def pad_prompt(prompt: np.ndarray) -> np.ndarray:
 
 
 def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_ids=(), on_token: Callable[[np.ndarray], None] | None = None) -> Generation:
-    """Resident generation. prompt: int array [B, T]. Stops when every row hit a stop id."""
+             seed: int = 0, stop_ids=(), on_token: Callable[[np.ndarray], None] | None = None,
+             warmup: bool = False) -> Generation:
+    """Resident generation. prompt: int array [B, T]. Stops when every row hit a stop id.
+
+    warmup=True first compiles and runs prefill and one decode step on a scratch cache, so
+    that ttft and the step times measure execution, not compilation."""
     prompt = np.asarray(prompt, np.int32)
     B, T = prompt.shape
     S = cache_length(T, max_new_tokens)
@@ -95,10 +100,22 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p
     key = jax.random.PRNGKey(seed)
     temperature, top_p = float(temperature), float(top_p)
     stop = np.asarray(list(stop_ids), np.int32)
+    padded = jnp.asarray(pad_prompt(prompt))
+
+    warmup_s = 0.0
+    if warmup:
+        t0 = time.perf_counter()
+        scratch = empty_cache(model.config, B, S, model.dtype)
+        _, sub = jax.random.split(key)  # compiles the split too
+        tok, _, scratch = prefill_step(graphdef, state, padded, scratch, jnp.int32(T - 1), sub, temperature, top_p)
+        tok, _, scratch = decode_step(graphdef, state, tok, scratch, jnp.int32(T), sub, temperature, top_p)
+        jax.block_until_ready(tok)
+        del scratch
+        warmup_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    tok, _, cache = prefill_step(graphdef, state, jnp.asarray(pad_prompt(prompt)), cache,
+    tok, _, cache = prefill_step(graphdef, state, padded, cache,
                                  jnp.int32(T - 1), sub, temperature, top_p)
     tok_host = np.asarray(tok)  # blocks until the first token is ready
     ttft = time.perf_counter() - t0
@@ -124,4 +141,4 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p
     for row in ids:
         hits = np.nonzero(np.isin(row, stop))[0]
         tokens.append(row[: hits[0] + 1].tolist() if len(hits) else row.tolist())
-    return Generation(tokens, ttft, steps)
+    return Generation(tokens, ttft, steps, warmup_s)
