@@ -142,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag argparse rejected (2, message already printed)
+        return int(e.code or 0)
     try:
         args.func(args)
     except MoejaxError as e:

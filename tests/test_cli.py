@@ -1,0 +1,75 @@
+"""`moejax decode` end to end on a tiny model with a real tokenizer, and its bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from moejax.cli import main  # noqa: E402
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_tiny_model
+
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    assert make_tiny_model.main([str(out), "--layers", "2", "--hidden", "32"]) == 0
+    return out
+
+
+def test_decode_streams_text_and_writes_json(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))  # an HF dir is converted on the fly
+    out = tmp_path / "run.json"
+    rc = main(["decode", "--model", str(tiny_dir), "--prompt", "The experts", "--max-new-tokens", "6",
+               "--json", str(out)])
+    cap = capsys.readouterr()
+    assert rc == 0
+    assert cap.out.startswith("The experts")
+    assert "TPOT" in cap.err and "hit rate" in cap.err
+    rec = json.loads(out.read_text())
+    for field in ("tokens", "text", "policy", "alpha", "budget_bytes", "pool_slots", "hit_rate",
+                  "substitution_rate", "bytes_h2d", "transfers", "ttft_ms", "tpot_ms", "peak_device_bytes"):
+        assert field in rec
+    assert len(rec["tokens"]) == 6 and rec["policy"] == "resident"
+    # greedy decoding is deterministic, sampling is seeded
+    assert main(["decode", "--model", str(tiny_dir), "--prompt", "The experts", "--max-new-tokens", "6",
+                 "--json", str(tmp_path / "again.json")]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["tokens"] == rec["tokens"]
+
+
+def test_console_script_runs(tiny_dir, tmp_path):
+    env = {**__import__("os").environ, "MOEJAX_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run(["moejax", "decode", "--model", str(tiny_dir), "--prompt", "A cache", "--max-new-tokens",
+                        "3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("A cache")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompt", "x", "--max-new-tokens", "100000"], "exceeds the model's context of 512"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+    (["--prompt", "x", "--max-new-tokens", "ten"], "invalid int value"),
+])
+def test_decode_bad_input(tiny_dir, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    rc = main(["decode", "--model", str(tiny_dir), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_decode_model_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    rc = main(["decode", "--model", str(tmp_path / "junk"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"error: {tmp_path / 'junk'} is not a moejax or Hugging Face checkpoint\n"
