@@ -85,52 +85,31 @@ def pad_prompt(prompt: np.ndarray) -> np.ndarray:
     return np.pad(prompt, ((0, 0), (0, Tp - T)))
 
 
-def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_ids=(), on_token: Callable[[np.ndarray], None] | None = None,
-             warmup: bool = False) -> Generation:
-    """Resident generation. prompt: int array [B, T]. Stops when every row hit a stop id.
-
-    warmup=True first compiles and runs prefill and one decode step on a scratch cache, so
-    that ttft and the step times measure execution, not compilation."""
-    prompt = np.asarray(prompt, np.int32)
+def generation_loop(prefill: Callable, step: Callable, prompt: np.ndarray, max_new_tokens: int, seed: int = 0,
+                    stop_ids=(), on_token: Callable[[np.ndarray], None] | None = None) -> Generation:
+    """The loop every engine shares. prefill(padded [B, Tp], T, key) -> first token [B];
+    step(token [B], pos, key) -> next token [B]. Each token is read back to the host (the
+    stop check needs it), which synchronises the step it came from."""
     B, T = prompt.shape
-    S = cache_length(T, max_new_tokens)
-    graphdef, state = model.graphdef, model.state
-    cache = empty_cache(model.config, B, S, model.dtype)
     key = jax.random.PRNGKey(seed)
-    temperature, top_p = float(temperature), float(top_p)
     stop = np.asarray(list(stop_ids), np.int32)
-    padded = jnp.asarray(pad_prompt(prompt))
-
-    warmup_s = 0.0
-    if warmup:
-        t0 = time.perf_counter()
-        scratch = empty_cache(model.config, B, S, model.dtype)
-        _, sub = jax.random.split(key)  # compiles the split too
-        tok, _, scratch = prefill_step(graphdef, state, padded, scratch, jnp.int32(T - 1), sub, temperature, top_p)
-        tok, _, scratch = decode_step(graphdef, state, tok, scratch, jnp.int32(T), sub, temperature, top_p)
-        jax.block_until_ready(tok)
-        del scratch
-        warmup_s = time.perf_counter() - t0
-
+    padded = pad_prompt(prompt)
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
-    tok, _, cache = prefill_step(graphdef, state, padded, cache,
-                                 jnp.int32(T - 1), sub, temperature, top_p)
-    tok_host = np.asarray(tok)  # blocks until the first token is ready
+    tok = prefill(padded, T, sub)
+    tok_host = np.asarray(tok)
     ttft = time.perf_counter() - t0
-    out = [tok_host]
+    out, steps = [tok_host], []
     done = np.isin(tok_host, stop)
     if on_token:
         on_token(tok_host)
-    steps = []
     for i in range(1, max_new_tokens):
         if done.all():
             break
         t = time.perf_counter()
         key, sub = jax.random.split(key)
-        tok, _, cache = decode_step(graphdef, state, tok, cache, jnp.int32(T + i - 1), sub, temperature, top_p)
-        tok_host = np.asarray(tok)  # synchronises: the token is needed on the host anyway
+        tok = step(tok, T + i - 1, sub)
+        tok_host = np.asarray(tok)
         steps.append(time.perf_counter() - t)
         out.append(tok_host)
         done |= np.isin(tok_host, stop)
@@ -141,4 +120,40 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p
     for row in ids:
         hits = np.nonzero(np.isin(row, stop))[0]
         tokens.append(row[: hits[0] + 1].tolist() if len(hits) else row.tolist())
-    return Generation(tokens, ttft, steps, warmup_s)
+    return Generation(tokens, ttft, steps)
+
+
+def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, stop_ids=(), on_token: Callable[[np.ndarray], None] | None = None,
+             warmup: bool = False) -> Generation:
+    """Resident generation. prompt: int array [B, T]. Stops when every row hit a stop id.
+
+    warmup=True first runs prefill and one decode step on a scratch cache (compiling
+    them), so that ttft and the step times measure execution, not compilation."""
+    prompt = np.asarray(prompt, np.int32)
+    B, T = prompt.shape
+    S = cache_length(T, max_new_tokens)
+    graphdef, state = model.graphdef, model.state
+    temperature, top_p = float(temperature), float(top_p)
+    cache = None
+
+    def prefill(padded, T, key):
+        nonlocal cache
+        cache = empty_cache(model.config, B, S, model.dtype)
+        tok, _, cache = prefill_step(graphdef, state, jnp.asarray(padded), cache, jnp.int32(T - 1), key,
+                                     temperature, top_p)
+        return tok
+
+    def step(tok, pos, key):
+        nonlocal cache
+        tok, _, cache = decode_step(graphdef, state, tok, cache, jnp.int32(pos), key, temperature, top_p)
+        return tok
+
+    warmup_s = 0.0
+    if warmup:
+        t0 = time.perf_counter()
+        generation_loop(prefill, step, prompt, 2, seed)
+        warmup_s = time.perf_counter() - t0
+    g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
+    g.warmup_s = warmup_s
+    return g

@@ -27,12 +27,17 @@ def _param(value):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: MoEConfig, index: int, p: dict):
+    """One decoder layer. With offloaded=True its routed experts are not held here (they
+    live in the engine's host store and device pool), only everything else. The layer index
+    is deliberately not stored, so all layers of one kind share one compiled program."""
+
+    def __init__(self, cfg: MoEConfig, index: int, p: dict, offloaded: bool = False):
         self.cfg = cfg
-        self.index = index
         self.is_moe = cfg.moe_layers[index]
-        names = layer_shapes(cfg, index)
-        if set(p) != set(names):
+        names = set(layer_shapes(cfg, index))
+        if offloaded and self.is_moe:
+            names.discard("experts")
+        if set(p) != names:
             raise ValueError(f"layer {index}: expected params {sorted(names)}, got {sorted(p)}")
         for name in ("bq", "bk", "bv", "bo", "q_norm", "k_norm", "router", "experts", "shared", "shared_gate", "mlp"):
             setattr(self, name, _param(p[name]) if name in p else None)  # optional params
@@ -110,14 +115,14 @@ def _write(cache, new, pos):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: MoEConfig, glob: dict, layer_params: list[dict]):
+    def __init__(self, cfg: MoEConfig, glob: dict, layer_params: list[dict], offloaded: bool = False):
         self.cfg = cfg
         if set(glob) != set(global_shapes(cfg)):
             raise ValueError(f"expected global params {sorted(global_shapes(cfg))}, got {sorted(glob)}")
         self.embed = _param(glob["embed"])
         self.final_norm = _param(glob["final_norm"])
         self.lm_head = _param(glob["lm_head"]) if "lm_head" in glob else None
-        self.layers = nnx.List(DecoderLayer(cfg, i, p) for i, p in enumerate(layer_params))
+        self.layers = nnx.List(DecoderLayer(cfg, i, p, offloaded) for i, p in enumerate(layer_params))
 
     @property
     def dtype(self):
