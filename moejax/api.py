@@ -52,10 +52,8 @@ class Model:
     @property
     def tokenizer(self):
         """The checkpoint's own tokenizer (`tokenizers.Tokenizer`), or None if it has none."""
-        if self._tokenizer is None and self.path is not None and (self.path / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            self._tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        if self._tokenizer is None and self.path is not None:
+            self._tokenizer = load_tokenizer(self.path)
         return self._tokenizer
 
 
@@ -78,16 +76,30 @@ def _converted_copy(src: Path) -> Path:
     return dst
 
 
-def load(path: str | Path, dtype: str | None = None) -> Model:
-    """Load a converted checkpoint, or an HF directory (converted on the fly into the cache)."""
+def resolve(path: str | Path) -> Path:
+    """A converted checkpoint directory for path: itself, or the cached conversion of an HF directory."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")
-    if not checkpoint.is_checkpoint(path):
-        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            path = _converted_copy(path)
-        else:
-            raise CheckpointError(f"{path} is not a moejax or Hugging Face checkpoint")
+    if checkpoint.is_checkpoint(path):
+        return path
+    if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        return _converted_copy(path)
+    raise CheckpointError(f"{path} is not a moejax or Hugging Face checkpoint")
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's own tokenizer (`tokenizers.Tokenizer`), or None if it has none."""
+    if not (Path(path) / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+
+
+def load(path: str | Path, dtype: str | None = None) -> Model:
+    """Load a converted checkpoint, or an HF directory (converted on the fly into the cache)."""
+    path = resolve(path)
     cfg, glob, layers = checkpoint.load_params(path)
     if dtype is not None:
         if dtype not in DTYPES:

@@ -52,8 +52,11 @@ def cmd_convert(args) -> None:
 def cmd_decode(args) -> None:
     import numpy as np
 
-    import moejax
-    from moejax.model.params import global_shapes, layer_shapes, nbytes
+    from moejax import checkpoint
+    from moejax.api import load_tokenizer, resolve
+    from moejax.generate import cache_length
+    from moejax.offload.budget import parse_budget, plan_budget
+    from moejax.offload.policies import ALL_NAMES
 
     if not args.prompt:
         raise MoejaxError("--prompt is empty")
@@ -63,27 +66,34 @@ def cmd_decode(args) -> None:
         raise MoejaxError("--temperature must be >= 0")
     if not 0 < args.top_p <= 1:
         raise MoejaxError("--top-p must be in (0, 1]")
-    model = moejax.load(args.model or bundled_model())
-    cfg, tok = model.config, model.tokenizer
+    spec = parse_budget(args.vram_budget) if args.vram_budget else None
+    policy = args.policy or ("lru" if spec else "resident")
+    if policy not in ALL_NAMES:
+        raise MoejaxError(f"--policy {policy!r} is not one of {', '.join(ALL_NAMES)}")
+    path = resolve(args.model or bundled_model())
+    cfg, dtype = checkpoint.read_meta(path)
+    tok = load_tokenizer(path)
     if tok is None:
-        raise MoejaxError(f"{model.path} has no tokenizer.json")
+        raise MoejaxError(f"{path} has no tokenizer.json")
     prompt = tok.encode(args.prompt).ids
     if not prompt:
         raise MoejaxError("--prompt encodes to no tokens")
     if len(prompt) + args.max_new_tokens > cfg.max_position_embeddings:
         raise MoejaxError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
                           f"the model's context of {cfg.max_position_embeddings}")
+    S = cache_length(len(prompt), args.max_new_tokens)
+    itemsize = np.dtype(dtype).itemsize if dtype == "float32" else 2
+    if policy == "resident":
+        plan = plan_budget(cfg, itemsize, 1, S, None)
+        if spec is not None and (spec[0] == "pct" and spec[1] < 1 or spec[0] == "bytes" and spec[1] < plan.budget_bytes):
+            raise MoejaxError(f"--policy resident keeps all {plan.total_experts} experts on the device "
+                              f"({plan.budget_bytes / 2**20:.1f} MiB); raise --vram-budget or choose another policy")
+    else:
+        from moejax.engine import OffloadEngine
 
-    itemsize = np.dtype(model.dtype).itemsize
-    weights = nbytes(global_shapes(cfg), itemsize) + sum(
-        nbytes(layer_shapes(cfg, i), itemsize) for i in range(cfg.num_layers))
-    from moejax.generate import cache_length
-    from moejax.model.decoder import cache_bytes
-
-    kv = cache_bytes(cfg, 1, cache_length(len(prompt), args.max_new_tokens), itemsize)
-    n_experts = cfg.num_experts * len(cfg.moe_layer_ids)
-    print(f"model {cfg.model_type} ({args.model or model.path}), {model.dtype}; plan: policy resident, weights "
-          f"{weights / 2**20:.1f} MiB ({n_experts} routed experts, all on device), KV cache {kv / 2**20:.1f} MiB",
+        engine = OffloadEngine(path, policy, spec, batch=1, cache_len=S)
+        plan = engine.plan
+    print(f"model {cfg.model_type} ({args.model or path}), {dtype}; policy {policy}; {plan.describe()}",
           file=sys.stderr)
 
     shown = ""
@@ -98,22 +108,30 @@ def cmd_decode(args) -> None:
             sys.stdout.flush()
             shown = text
 
+    kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop_ids=cfg.eos_token_ids,
+              on_token=stream, warmup=True)
     sys.stdout.write(args.prompt)
-    g = model.generate(np.array([prompt]), args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, stop_ids=cfg.eos_token_ids, on_token=stream,
-                       warmup=True)
+    if policy == "resident":
+        import moejax
+
+        g = moejax.load(path).generate(np.array([prompt]), args.max_new_tokens, **kw)
+        stats = {"hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "bytes_h2d_prefill": 0, "transfers": 0,
+                 "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "peak_device_bytes": plan.budget_bytes}
+    else:
+        g = engine.generate(np.array([prompt]), args.max_new_tokens, **kw)
+        stats = engine.t.summary()
     sys.stdout.write("\n")
     tokens = g.tokens[0]
     tps = 1e3 / g.tpot_ms if g.step_s else float("nan")
-    print(f"{len(tokens)} tokens | hit rate 1.000 (resident) | bytes moved 0 | TTFT {1e3 * g.ttft_s:.1f} ms | "
-          f"TPOT {g.tpot_ms:.2f} ms ({tps:.1f} tok/s) | compile {g.warmup_s:.1f} s", file=sys.stderr)
+    print(f"{len(tokens)} tokens | hit rate {stats['hit_rate']:.3f} | moved {stats['bytes_h2d'] / 2**20:.1f} MiB "
+          f"in {stats['transfers']} transfers | TTFT {stats['ttft_ms']:.1f} ms | TPOT {g.tpot_ms:.2f} ms "
+          f"({tps:.1f} tok/s) | compile {g.warmup_s:.1f} s", file=sys.stderr)
     if args.json:
         write_json(args.json, {
-            "tokens": tokens, "text": tok.decode(tokens), "prompt_tokens": len(prompt),
-            "policy": "resident", "alpha": 0.0, "budget_bytes": weights + kv, "pool_slots": n_experts,
-            "hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "transfers": 0,
-            "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "compile_s": g.warmup_s, "peak_device_bytes": weights + kv,
-            "model": str(model.path), "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+            "tokens": tokens, "text": tok.decode(tokens), "prompt_tokens": len(prompt), "policy": policy,
+            "alpha": 0.0, "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots,
+            "pool_share": plan.pool_share, **stats, "compile_s": g.warmup_s, "model": str(path),
+            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         })
 
 
@@ -136,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--vram-budget", help="device memory for weights + KV cache + expert pool (512MiB, 6GiB, "
+                   "1.5GB), or PCT%% = share of routed experts the pool holds; default: everything resident")
+    d.add_argument("--policy", help="resident, ondemand, lru, lfu, lru-prefetch (default: lru with a budget, "
+                   "else resident)")
     d.add_argument("--json", help="write a JSON record of the run here")
     d.set_defaults(func=cmd_decode)
     return p

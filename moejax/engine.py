@@ -278,7 +278,8 @@ class OffloadEngine:
             self._staging = []
         if not self.policy.reuse:
             for e in needed:
-                self._evict((i, e))
+                if (i, e) in self.pool.slot_of:  # later groups may have evicted it already
+                    self._evict((i, e))
         return _finish_prefill(x, dense, acc)
 
     # ---- whole steps --------------------------------------------------------------------

@@ -73,3 +73,33 @@ def test_decode_model_not_a_checkpoint(tmp_path, capsys):
     rc = main(["decode", "--model", str(tmp_path / "junk"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and err == f"error: {tmp_path / 'junk'} is not a moejax or Hugging Face checkpoint\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vram-budget", "lots"], "expected a size like 512MiB"),
+    (["--vram-budget=-5%"], "expected a size like 512MiB"),
+    (["--vram-budget", "0%"], "a percentage must be in (0, 100]"),
+    (["--vram-budget", "10KiB"], "is below the minimum of"),
+    (["--vram-budget", "1%"], "needs at least 4"),
+    (["--policy", "belady"], "--policy 'belady' is not one of"),
+    (["--policy", "resident", "--vram-budget", "50%"], "--policy resident keeps all"),
+])
+def test_decode_bad_budget_and_policy(tiny_dir, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    rc = main(["decode", "--model", str(tiny_dir), "--prompt", "x", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_decode_offloaded_json(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "off.json"
+    base = ["decode", "--model", str(tiny_dir), "--prompt", "The experts", "--max-new-tokens", "6"]
+    assert main([*base, "--json", str(tmp_path / "res.json")]) == 0
+    assert main([*base, "--vram-budget", "25%", "--policy", "lfu", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "pool" in err and "hit rate" in err
+    rec, res = json.loads(out.read_text()), json.loads((tmp_path / "res.json").read_text())
+    assert rec["tokens"] == res["tokens"]  # offloading without substitution changes nothing
+    assert rec["policy"] == "lfu" and rec["pool_share"] == 0.25 and rec["bytes_h2d"] > 0
+    assert rec["peak_device_bytes"] <= rec["budget_bytes"]

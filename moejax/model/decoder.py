@@ -12,6 +12,7 @@ position of the first new token. All batch rows share positions (no ragged batch
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
@@ -154,8 +155,12 @@ class Decoder(nnx.Module):
 
 
 def empty_cache(cfg: MoEConfig, batch: int, length: int, dtype):
+    """Zeros, committed to the device like every jit output, so that a fresh cache and one
+    returned by a step hit the same compiled program."""
     shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+    dev = jax.devices()[0]
+    return tuple((jax.device_put(jnp.zeros(shape, dtype), dev), jax.device_put(jnp.zeros(shape, dtype), dev))
+                 for _ in range(cfg.num_layers))
 
 
 def cache_bytes(cfg: MoEConfig, batch: int, length: int, itemsize: int) -> int:

@@ -15,6 +15,13 @@ UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def parse_budget(text: str) -> tuple[str, float]:
     """'6GiB' -> ('bytes', 6442450944); '25%' -> ('pct', 0.25)."""
     s = str(text).strip().lower().replace(" ", "")
@@ -49,7 +56,7 @@ class BudgetPlan:
         return self.pool_slots / self.total_experts
 
     def describe(self) -> str:
-        mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+        mib = human_bytes
         return (f"budget {mib(self.budget_bytes)} = dense {mib(self.dense_bytes)} + KV cache {mib(self.kv_bytes)} "
                 f"+ staging {self.staging_slots} x {mib(self.expert_bytes)} + pool {self.pool_slots} x "
                 f"{mib(self.expert_bytes)} ({100 * self.pool_share:.1f}% of {self.total_experts} experts)")

@@ -25,7 +25,7 @@ class ExpertPool:
         if slots < 1:
             raise ValueError("the expert pool needs at least one slot")
         self.slots = slots
-        self.array = jnp.zeros((slots, *expert_shape), dtype)
+        self.array = jax.device_put(jnp.zeros((slots, *expert_shape), dtype), jax.devices()[0])  # committed
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_of: list[tuple[int, int] | None] = [None] * slots
         self.per_layer = per_layer
