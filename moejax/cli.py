@@ -135,6 +135,42 @@ def cmd_decode(args) -> None:
         })
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise MoejaxError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if any(v < 1 for v in values):
+        raise MoejaxError(f"{flag} {text!r}: values must be at least 1")
+    return values
+
+
+def cmd_bench(args) -> None:
+    from moejax.api import resolve
+    from moejax.bench import machine, markdown, run_bench
+    from moejax.offload.budget import parse_budget
+    from moejax.offload.policies import ALL_NAMES
+
+    if args.link != "real":
+        raise MoejaxError(f"--link {args.link!r}: only 'real' is implemented so far")
+    budgets = [(b, parse_budget(b)) for b in args.vram_budget.split(",")]
+    batches = _int_list(args.batch, "--batch")
+    policies = args.policies.split(",")
+    for p in policies:
+        if p not in ALL_NAMES:
+            raise MoejaxError(f"--policies: {p!r} is not one of {', '.join(ALL_NAMES)}")
+    if args.trials < 1 or args.new_tokens < 2:
+        raise MoejaxError("--trials must be >= 1 and --new-tokens >= 2")
+    path = resolve(args.model or bundled_model())
+    records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials)
+    meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:])}
+    write_json(args.json, {"meta": meta, "records": records})
+    table = markdown(records)
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moejax", description="MoE inference with expert offloading in JAX")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -160,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "else resident)")
     d.add_argument("--json", help="write a JSON record of the run here")
     d.set_defaults(func=cmd_decode)
+
+    b = sub.add_parser("bench", help="compare policies side by side (TPOT, TTFT, hit rate, bytes moved)")
+    b.add_argument("--model", help="converted or HF checkpoint (default: the bundled model)")
+    b.add_argument("--vram-budget", default="25%,50%", help="comma-separated budgets (default 25%%,50%%)")
+    b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    b.add_argument("--policies", default="resident,ondemand,lru,lfu,lru-prefetch")
+    b.add_argument("--new-tokens", type=int, default=32)
+    b.add_argument("--prompt-len", type=int, default=16)
+    b.add_argument("--trials", type=int, default=3)
+    b.add_argument("--link", default="real", help="'real' (device_put as it is)")
+    b.add_argument("--json", required=True, help="write the records here")
+    b.add_argument("--markdown", help="also write the markdown table here")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

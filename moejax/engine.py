@@ -103,7 +103,8 @@ def _head(embed, final_norm, lm_head, x, key, temperature, top_p, eps):
 
 @jax.jit
 def _embed(embed, tokens):
-    return embed[tokens]
+    """tokens [B, T] (or [B] for one decode step) -> [B, T, H]."""
+    return embed[tokens.reshape(tokens.shape[0], -1)]
 
 
 class OffloadEngine:
@@ -132,7 +133,7 @@ class OffloadEngine:
         self.plan: BudgetPlan = plan_budget(cfg, np.dtype(self.dtype).itemsize, batch, cache_len, budget,
                                             prefetch=self.policy.prefetch is not None)
         self.pool = ExpertPool(self.plan.pool_slots, self.store.expert_shape, self.dtype,
-                               list(cfg.moe_layer_ids), per_layer)
+                               list(cfg.moe_layer_ids), cfg.num_experts, per_layer)
         self.kv = empty_cache(cfg, batch, cache_len, self.dtype)
         self._next_moe = {i: (i + 1 if i + 1 < cfg.num_layers and cfg.moe_layers[i + 1] else None)
                           for i in cfg.moe_layer_ids}
@@ -225,8 +226,8 @@ class OffloadEngine:
         self.t.decode_hits += len(plan.hits)
         self.t.decode_unique += len(plan.needed)
         self.t.routed += idx_h.size
-        slots = np.vectorize(lambda e: self.pool.slot_of[(i, int(e))], otypes=[np.int32])(idx_h)
-        x = _moe_out(x, h, dense, self.pool.array, jnp.asarray(slots), weights)
+        slots = self.pool.table[i][idx_h]  # [N, k]
+        x = _moe_out(x, h, dense, self.pool.array, slots, weights)
         self.policy.touch(sorted(used, key=lambda k: plan.needed.index(k[1])))
         if not self.policy.reuse:  # on-demand: nothing stays for later
             for key in used:
@@ -250,7 +251,7 @@ class OffloadEngine:
     def _moe_prefill(self, i, x, T):
         """All prompt tokens through layer i, routed experts in groups that fit the pool."""
         gd, st = self.layer_defs[i]
-        x, h, dense, _, weights, idx, _, self.kv[i] = _attn_route(gd, st, x, self.kv[i], jnp.int32(0), None)
+        x, h, dense, _, weights, idx, _, self.kv[i] = _attn_route(gd, st, x, self.kv[i], np.int32(0), None)
         idx_h = np.asarray(idx).reshape(self.batch, -1, idx.shape[-1])[:, :T].reshape(-1)  # real tokens only
         needed = unique_in_order(idx_h)
         resident = self.pool.resident(i)
@@ -258,7 +259,7 @@ class OffloadEngine:
         G = min(len(self.pool.slot_range(i)), self.config.num_experts)
         valid = np.zeros((self.batch, x.shape[1]), np.float32)
         valid[:, :T] = 1.0
-        valid = jnp.asarray(valid.reshape(-1))
+        valid = valid.reshape(-1)
         acc = jnp.zeros_like(h)
         for start in range(0, len(order), G):
             group = order[start:start + G]
@@ -274,7 +275,7 @@ class OffloadEngine:
             ids[: len(group)] = group
             slots = np.zeros(G, np.int32)
             slots[: len(group)] = [self.pool.slot_of[(i, e)] for e in group]
-            acc = _group_out(acc, h, self.pool.array, jnp.asarray(slots), jnp.asarray(ids), idx, weights, valid)
+            acc = _group_out(acc, h, self.pool.array, slots, ids, idx, weights, valid)
             self._staging = []
         if not self.policy.reuse:
             for e in needed:
@@ -287,11 +288,11 @@ class OffloadEngine:
         for i in range(self.config.num_layers):
             if not self.config.moe_layers[i]:
                 gd, st = self.layer_defs[i]
-                x, self.kv[i] = _dense_layer(gd, st, x, self.kv[i], jnp.int32(pos))
+                x, self.kv[i] = _dense_layer(gd, st, x, self.kv[i], np.int32(pos))
             elif prefill_len is not None:
                 x = self._moe_prefill(i, x, prefill_len)
             else:
-                x = self._moe_decode(i, x, jnp.int32(pos))
+                x = self._moe_decode(i, x, np.int32(pos))
         return x
 
     def _head(self, x, key, temperature, top_p):
@@ -305,13 +306,13 @@ class OffloadEngine:
         if padded.shape[1] > self.cache_len:
             raise ValueError(f"prompt of {padded.shape[1]} tokens exceeds the engine's cache of {self.cache_len}")
         self.kv = list(self.kv)
-        x = _embed(self.module.embed[...], jnp.asarray(padded, jnp.int32))
+        x = _embed(self.module.embed[...], np.asarray(padded, np.int32))
         x = self._layers(x, 0, T)
         return self._head(x[:, :T], key, temperature, top_p)
 
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
         """token [B] at position pos -> (next token [B], logits [B, V])."""
-        x = _embed(self.module.embed[...], jnp.asarray(token, jnp.int32)[:, None])
+        x = _embed(self.module.embed[...], token)
         x = self._layers(x, pos, None)
         return self._head(x, key, temperature, top_p)
 

@@ -10,6 +10,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -21,13 +22,16 @@ def _write(pool, block, slot):
 class ExpertPool:
     """Slots shared by all MoE layers (the paper's global cache), or split evenly per layer."""
 
-    def __init__(self, slots: int, expert_shape, dtype, layers: list[int], per_layer: bool = False):
+    def __init__(self, slots: int, expert_shape, dtype, layers: list[int], num_experts: int,
+                 per_layer: bool = False):
         if slots < 1:
             raise ValueError("the expert pool needs at least one slot")
         self.slots = slots
         self.array = jax.device_put(jnp.zeros((slots, *expert_shape), dtype), jax.devices()[0])  # committed
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_of: list[tuple[int, int] | None] = [None] * slots
+        # table[layer, expert] = slot or -1: turns routed ids into slot ids with one numpy take
+        self.table = np.full((max(layers) + 1, num_experts), -1, np.int32)
         self.per_layer = per_layer
         if per_layer:
             share = slots // len(layers)
@@ -52,14 +56,16 @@ class ExpertPool:
     def evict(self, key: tuple[int, int]) -> int:
         slot = self.slot_of.pop(key)
         self.key_of[slot] = None
+        self.table[key] = -1
         return slot
 
     def put(self, key: tuple[int, int], slot: int, block: jax.Array) -> None:
         """Place a (device) expert block in a free slot."""
         assert self.key_of[slot] is None, f"slot {slot} is taken by {self.key_of[slot]}"
-        self.array = _write(self.array, block, jnp.int32(slot))
+        self.array = _write(self.array, block, np.int32(slot))
         self.slot_of[key] = slot
         self.key_of[slot] = key
+        self.table[key] = slot
         self.writes += 1
 
     @property

@@ -1,0 +1,112 @@
+"""`moejax bench`: every policy on the same prompts, budget and seeds, side by side.
+
+Trials are interleaved across policies (policy A, B, C, then again), so drift of a shared
+machine hits all of them alike. Each trial starts from an empty expert pool; the first
+trial of each engine is preceded by a warm-up that compiles every stage. Step times are
+synchronised (each step's token is read back to the host before the next starts).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+PROMPTS = [
+    "ROMEO: But soft, what light through yonder window breaks?",
+    "KING: Now is the winter of our discontent made glorious summer",
+    "To be, or not to be, that is the question: whether 'tis nobler",
+    "First Citizen: Before we proceed any further, hear me speak.",
+]
+
+
+def prompt_tokens(tokenizer, vocab: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+    """[batch, length] prompt ids: text prompts cut to one length when there is a tokenizer."""
+    if tokenizer is not None:
+        rows = [tokenizer.encode(PROMPTS[b % len(PROMPTS)] * 4).ids[:length] for b in range(batch)]
+        if all(len(r) == length for r in rows):
+            return np.array(rows, np.int32)
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
+
+
+def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str], new_tokens: int = 32,
+              prompt_len: int = 16, trials: int = 3, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    import moejax
+    from moejax import checkpoint
+    from moejax.api import load_tokenizer
+    from moejax.engine import OffloadEngine
+    from moejax.generate import cache_length
+
+    cfg, _ = checkpoint.read_meta(path)
+    tok = load_tokenizer(path)
+    S = cache_length(prompt_len, new_tokens)
+    resident = moejax.load(path) if "resident" in policies else None
+    records = []
+    total = len(budgets) * len(batches) * trials * len(policies)
+    bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
+    for spec_text, spec in budgets:
+        for batch in batches:
+            prompt = prompt_tokens(tok, cfg.vocab_size, batch, prompt_len)
+            engines = {p: OffloadEngine(path, p, spec, batch=batch, cache_len=S)
+                       for p in policies if p != "resident"}
+            runs: dict[str, list] = {p: [] for p in policies}
+            for trial in range(trials):
+                for p in policies:
+                    if p == "resident":
+                        g = resident.generate(prompt, new_tokens, warmup=trial == 0)
+                        stats = {"hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "bytes_h2d_prefill": 0,
+                                 "transfers": 0, "prefetch_precision": float("nan"), "sched_us_median": 0.0}
+                    else:
+                        e = engines[p]
+                        e.reset()
+                        g = e.generate(prompt, new_tokens, warmup=trial == 0)
+                        stats = e.t.summary()
+                    runs[p].append((g, stats))
+                    bar.update()
+            for p in policies:
+                gens = [g for g, _ in runs[p]]
+                stats = runs[p][-1][1]  # counters are deterministic across trials
+                steps = len(gens[-1].step_s)
+                plan = engines[p].plan if p != "resident" else None
+                records.append({
+                    "policy": p, "batch": batch, "budget": spec_text,
+                    "budget_bytes": plan.budget_bytes if plan else None,
+                    "pool_slots": plan.pool_slots if plan else cfg.num_experts * len(cfg.moe_layer_ids),
+                    "tpot_ms": statistics.median(g.tpot_ms for g in gens),
+                    "tpot_ms_trials": [g.tpot_ms for g in gens],
+                    "ttft_ms": statistics.median(1e3 * g.ttft_s for g in gens),
+                    "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
+                    "bytes_h2d_per_token": stats["bytes_h2d"] / steps if steps else 0.0,
+                    "bytes_h2d_prefill": stats["bytes_h2d_prefill"],
+                    "prefetch_precision": stats["prefetch_precision"],
+                    "sched_us_median": stats["sched_us_median"],
+                    "new_tokens": new_tokens, "prompt_len": prompt_len, "trials": trials,
+                    "link": "real",
+                })
+    bar.close()
+    return records
+
+
+def machine() -> dict:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"date": date.today().isoformat(), "device": f"{dev.platform}:{dev.device_kind}",
+            "host": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "jax": jax.__version__}
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["| budget | batch | policy | pool slots | hit rate | MiB moved / token | TPOT ms | TTFT ms | "
+             "prefetch precision | sched µs (median/layer) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        pp = "" if r["prefetch_precision"] != r["prefetch_precision"] else f"{r['prefetch_precision']:.2f}"
+        lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['pool_slots']} | {r['hit_rate']:.3f} | "
+                     f"{r['bytes_h2d_per_token'] / 2**20:.3f} | {r['tpot_ms']:.2f} | {r['ttft_ms']:.1f} | {pp} | "
+                     f"{r['sched_us_median']:.0f} |")
+    return "\n".join(lines)
