@@ -35,6 +35,7 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache
 from moejax.offload.budget import BudgetPlan, plan_budget
 from moejax.offload.cache import ExpertPool
+from moejax.offload.importance import classify, gate_weights, substitute
 from moejax.offload.policies import make_policy
 from moejax.offload.scheduler import choose_victims, plan_layer, plan_prefetch, unique_in_order
 from moejax.offload.store import HostExpertStore, Transfer
@@ -75,6 +76,15 @@ def _moe_out(x, h, dense, pool, slots, weights):
     return x + out.reshape(x.shape)
 
 
+@partial(jax.jit, static_argnums=(8,))
+def _predict_next(x, h, dense, pool, slots, weights, next_norm, next_router, eps):
+    """PAPER.md 4: the next layer's router probabilities [N, E] from an approximate hidden
+    state: residual + shared/dense output + the output of the experts already on the device
+    (weights of the others are 0), through the next layer's norm (attention skipped)."""
+    approx = x.reshape(h.shape) + dense + moe.experts_gathered(h, pool[slots], weights)
+    return moe.router_probs(L.rms_norm(approx, next_norm, eps), next_router)
+
+
 @jax.jit
 def _group_out(acc, h, pool, group_slots, group_experts, idx, weights, valid):
     """Prefill: add the contribution of one group of G pooled experts to acc [N, H].
@@ -112,12 +122,15 @@ class OffloadEngine:
     expert pool sized by `budget` (a parsed --vram-budget; None = every expert fits)."""
 
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
-                 cache_len: int = 256, per_layer: bool = False):
+                 cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
+                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16):
         path = Path(path)
         cfg, _ = checkpoint.read_meta(path)
         self.config, self.path, self.batch, self.cache_len = cfg, path, batch, cache_len
         self.policy_name = policy
-        self.policy = make_policy(policy)
+        self.settings = dict(alpha=alpha, mode=substitute, score_window=score_window)
+        self.similarity = similarity or {}
+        self.policy = make_policy(policy, **self.settings)
         glob = checkpoint.load_item(path, "global")
         layers, experts = [], {}
         for i in range(cfg.num_layers):
@@ -151,7 +164,7 @@ class OffloadEngine:
         if not keep_pool:
             for key in list(self.pool.slot_of):
                 self.pool.evict(key)
-            self.policy = make_policy(self.policy_name)
+            self.policy = make_policy(self.policy_name, **self.settings)
             if self.plan.pool_slots == self.plan.total_experts and self.policy.reuse:
                 for layer in self.config.moe_layer_ids:
                     for e in range(self.config.num_experts):
@@ -207,15 +220,32 @@ class OffloadEngine:
     # ---- one MoE layer ------------------------------------------------------------------
     def _moe_decode(self, i, x, pos):
         gd, st = self.layer_defs[i]
+        cfg, pol = self.config, self.policy
         nxt = self._next_moe[i]
-        next_router = self.module.layers[nxt].router[...] if (self.policy.prefetch and nxt is not None) else None
-        x, h, dense, _, weights, idx, pred, self.kv[i] = _attn_route(gd, st, x, self.kv[i], pos, next_router)
-        idx_h = np.asarray(idx)  # [N, k]: the only device -> host read of the layer
+        gate = pol.prefetch == "next-layer-gate" and nxt is not None
+        next_router = self.module.layers[nxt].router[...] if gate else None
+        x, h, dense, probs, weights, idx, pred, self.kv[i] = _attn_route(gd, st, x, self.kv[i], pos, next_router)
+        idx_h, weights_h = np.asarray(idx), np.asarray(weights)  # [N, k]: the layer's device -> host reads
+        probs_h = np.asarray(probs) if pol.needs_probs else None  # [N, E]
         t0 = time.perf_counter()
         resident, pending = self._landed(i)
+        experts = idx_h
+        if pol.substitute and pol.alpha > 0:
+            experts, changed = substitute(probs_h, idx_h, pol.alpha, resident, pol.mode, self.similarity.get(i))
+            if changed.any():
+                weights_h = gate_weights(probs_h, experts, cfg.norm_topk_prob)
+                self.t.substituted += int(changed.sum())
         candidates, free = self._candidates(i)
-        plan = plan_layer(i, idx_h, resident, pending, self.policy, free, candidates)
+        plan = plan_layer(i, experts, resident, pending, pol, free, candidates)
+        if probs_h is not None:
+            pol.observe(i, probs_h)
         self.t.sched_us.append(1e6 * (time.perf_counter() - t0))
+        if pol.prefetch == "top-score" and nxt is not None:  # predict before the fetches land
+            hit = np.isin(experts, plan.hits)
+            slots = np.where(hit, self.pool.table[i][experts], 0)
+            nl = self.module.layers[nxt]
+            pred_probs = _predict_next(x, h, dense, self.pool.array, slots, np.where(hit, weights_h, 0.0),
+                                       nl.mlp_norm[...], nl.router[...], cfg.rms_norm_eps)
         for key in plan.evict:
             self._evict(key)
         for e in plan.fetch:
@@ -226,18 +256,24 @@ class OffloadEngine:
         self.t.decode_hits += len(plan.hits)
         self.t.decode_unique += len(plan.needed)
         self.t.routed += idx_h.size
-        slots = self.pool.table[i][idx_h]  # [N, k]
-        x = _moe_out(x, h, dense, self.pool.array, slots, weights)
-        self.policy.touch(sorted(used, key=lambda k: plan.needed.index(k[1])))
-        if not self.policy.reuse:  # on-demand: nothing stays for later
+        slots = self.pool.table[i][experts]  # [N, k]
+        x = _moe_out(x, h, dense, self.pool.array, slots, weights_h)
+        pol.touch([(i, e) for e in plan.needed])
+        if not pol.reuse:  # on-demand: nothing stays for later
             for key in used:
                 self._evict(key)
-        if pred is not None:
+        if pol.prefetch and nxt is not None:
             t0 = time.perf_counter()
+            if pol.prefetch == "top-score":
+                pred_probs = np.asarray(pred_probs)
+                pred_idx = np.argsort(-pred_probs, axis=-1, kind="stable")[:, : cfg.top_k]
+                _, top = classify(pred_probs, pred_idx, pol.alpha)
+                predicted = pred_idx[top]
+            else:
+                predicted = np.asarray(pred)
             resident, pending = self._landed(nxt)
             candidates, free = self._candidates(nxt)
-            want, evict = plan_prefetch(nxt, np.asarray(pred), resident, pending, self.policy, free, candidates,
-                                        shield=used)
+            want, evict = plan_prefetch(nxt, predicted, resident, pending, pol, free, candidates, shield=used)
             self.t.sched_us[-1] += 1e6 * (time.perf_counter() - t0)
             for key in evict:
                 self._evict(key)

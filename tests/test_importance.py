@@ -1,0 +1,122 @@
+"""PAPER.md sections 1-3 on hand-built score vectors."""
+
+import numpy as np
+import pytest
+
+from moejax.offload.importance import classify, gate_weights, substitute, threshold_s
+from moejax.offload.policies import ScoreEviction
+
+
+def _probs(*rows):
+    p = np.array(rows, np.float64)
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _topk(probs, k):
+    return np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+
+
+# one token, 8 experts, k = 2: selected 0 (0.30) and 1 (0.21); S = p[2] = 0.20
+P = _probs([0.30, 0.21, 0.20, 0.15, 0.09, 0.03, 0.01, 0.01])
+
+
+def test_threshold_is_k_plus_first():
+    assert threshold_s(P, 2)[0] == pytest.approx(P[0, 2])
+
+
+def test_classification_at_window_edges():
+    idx = _topk(P, 2)
+    S = P[0, 2]
+    ratio = P[0, 1] / S  # expert 1 sits at (1 + a) * S for a = ratio - 1
+    _, top = classify(P, idx, alpha=ratio - 1 - 1e-4)
+    assert top.tolist() == [[True, True]]  # p >= (1+a) S: top-score
+    _, top = classify(P, idx, alpha=ratio - 1 + 1e-4)
+    assert top.tolist() == [[True, False]]  # just below: low-score
+    _, top = classify(P, idx, alpha=0.0)
+    assert top.all()  # alpha = 0: every selected expert is top-score
+
+
+def test_alpha_zero_changes_nothing():
+    idx = _topk(P, 2)
+    out, changed = substitute(P, idx, 0.0, available=set())
+    assert np.array_equal(out, idx) and not changed.any()
+
+
+def test_substitute_best_resident_inside_window():
+    idx = _topk(P, 2)  # [0, 1]; alpha 0.3: 1 is low-score (0.21 < 1.3 * 0.20)
+    out, changed = substitute(P, idx, 0.3, available={3, 4, 2})
+    # window ((1 - 0.3) S, S] = (0.14, 0.20]: 2 (0.20) and 3 (0.15) qualify, 4 (0.09) does not
+    assert out.tolist() == [[0, 2]] and changed.tolist() == [[False, True]]
+    out, _ = substitute(P, idx, 0.3, available={3, 4})
+    assert out.tolist() == [[0, 3]]
+    out, changed = substitute(P, idx, 0.3, available={4, 5})  # nothing in the window: keep and fetch
+    assert out.tolist() == [[0, 1]] and not changed.any()
+
+
+def test_low_score_kept_when_resident_or_batch_top_score():
+    idx = _topk(P, 2)
+    out, changed = substitute(P, idx, 0.3, available={1, 2})
+    assert out.tolist() == [[0, 1]] and not changed.any()  # 1 is on the device
+    # a second token whose top-score expert is 1: it is computed anyway, so token 0 keeps it
+    P2 = np.concatenate([P, _probs([0.05, 0.60, 0.10, 0.10, 0.05, 0.05, 0.03, 0.02])])
+    idx2 = _topk(P2, 2)
+    out, changed = substitute(P2, idx2, 0.3, available={2})
+    assert out[0].tolist() == [0, 1] and not changed[0].any()
+
+
+def test_batch_top_score_expert_can_be_a_substitute():
+    # token 1's top-score expert 3 is computed anyway: token 0 may use it though it is not resident
+    P2 = np.concatenate([P, _probs([0.05, 0.05, 0.05, 0.70, 0.05, 0.05, 0.03, 0.02])])
+    idx2 = _topk(P2, 2)
+    out, changed = substitute(P2, idx2, 0.3, available=set())
+    assert out[0].tolist() == [0, 3] and changed[0].tolist() == [False, True]
+
+
+def test_substitutes_distinct_exactly_k_and_never_selected():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        logits = rng.normal(size=(3, 16)) * rng.uniform(0.1, 3)
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        k, alpha = 4, rng.uniform(0, 0.9)
+        idx = _topk(probs, k)
+        avail = set(rng.choice(16, size=rng.integers(0, 16), replace=False).tolist())
+        out, changed = substitute(probs, idx, alpha, avail)
+        S, top = classify(probs, idx, alpha)
+        batch_top = set(idx[top].tolist())
+        for n in range(3):
+            assert len(set(out[n].tolist())) == k  # k distinct experts
+            assert np.array_equal(out[n][top[n]], idx[n][top[n]])  # top-score untouched
+            for j in np.nonzero(changed[n])[0]:
+                c = out[n, j]
+                assert c not in idx[n]  # an unselected expert
+                assert c in avail or c in batch_top  # on the device or computed anyway
+                assert (1 - alpha) * S[n] < probs[n, c] <= S[n]  # inside the window
+
+
+def test_similarity_modes_rank_by_similarity():
+    idx = _topk(P, 2)
+    sim = np.eye(8)
+    sim[1, 3], sim[1, 2], sim[1, 6] = 0.9, 0.1, 0.95
+    out, _ = substitute(P, idx, 0.3, available={2, 3, 6}, mode="hybrid", similarity=sim)
+    assert out.tolist() == [[0, 3]]  # 6 is more similar but outside the window
+    out, _ = substitute(P, idx, 0.3, available={2, 3, 6}, mode="similarity", similarity=sim)
+    assert out.tolist() == [[0, 6]]  # no window in similarity mode
+
+
+@pytest.mark.parametrize("renorm", [True, False])
+def test_gate_weights_are_own_probabilities(renorm):
+    experts = np.array([[0, 3]])
+    w = gate_weights(P, experts, renorm)
+    raw = P[0, [0, 3]]
+    assert np.allclose(w, raw / raw.sum() if renorm else raw)
+
+
+def test_score_eviction_mean_over_window_all_experts():
+    pol = ScoreEviction(score_window=2)
+    pol.observe(0, _probs([0.1, 0.5, 0.4]))
+    pol.observe(0, _probs([0.5, 0.1, 0.4]))
+    pol.observe(0, _probs([0.6, 0.3, 0.1]))  # window of 2: first observation drops out
+    assert pol.score((0, 0)) == pytest.approx(0.55) and pol.score((0, 2)) == pytest.approx(0.25)
+    assert pol.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)  # (0.1 + 0.3) / 2 = 0.2 lowest
+    pol.touch([(1, 0)])
+    assert pol.victim([(1, 1), (1, 0)]) == (1, 1)  # unobserved layer: ties broken by LRU
