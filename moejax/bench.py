@@ -33,7 +33,8 @@ def prompt_tokens(tokenizer, vocab: int, batch: int, length: int, seed: int = 0)
 
 
 def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str], new_tokens: int = 32,
-              prompt_len: int = 16, trials: int = 3, progress: bool = True) -> list[dict]:
+              prompt_len: int = 16, trials: int = 3, settings: dict | None = None,
+              progress: bool = True) -> list[dict]:
     from tqdm.auto import tqdm
 
     import moejax
@@ -52,7 +53,7 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     for spec_text, spec in budgets:
         for batch in batches:
             prompt = prompt_tokens(tok, cfg.vocab_size, batch, prompt_len)
-            engines = {p: OffloadEngine(path, p, spec, batch=batch, cache_len=S)
+            engines = {p: OffloadEngine(path, p, spec, batch=batch, cache_len=S, **(settings or {}))
                        for p in policies if p != "resident"}
             runs: dict[str, list] = {p: [] for p in policies}
             for trial in range(trials):
@@ -86,7 +87,8 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     "prefetch_precision": stats["prefetch_precision"],
                     "sched_us_median": stats["sched_us_median"],
                     "new_tokens": new_tokens, "prompt_len": prompt_len, "trials": trials,
-                    "link": "real",
+                    "link": "real", "alpha": (settings or {}).get("alpha", 0.0),
+                    "substitute": (settings or {}).get("substitute", "window"),
                 })
     bar.close()
     return records
@@ -101,9 +103,9 @@ def machine() -> dict:
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| budget | batch | policy | pool slots | hit rate | MiB moved / token | TPOT ms | TTFT ms | "
+    lines = ["| budget | batch | policy | pool slots | hit rate | subst. rate | MiB moved / token | TPOT ms | TTFT ms | "
              "prefetch precision | sched µs (median/layer) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         pp = "" if r["prefetch_precision"] != r["prefetch_precision"] else f"{r['prefetch_precision']:.2f}"
         lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['pool_slots']} | {r['hit_rate']:.3f} | "

@@ -49,6 +49,23 @@ def cmd_convert(args) -> None:
           f"top-{cfg.top_k} -> {args.dst}", file=sys.stderr)
 
 
+def engine_settings(args, path, cfg) -> dict:
+    """--alpha/--substitute/--similarity/--score-window -> OffloadEngine keyword arguments."""
+    from moejax.offload import similarity
+    from moejax.offload.importance import MODES
+
+    if not 0 <= args.alpha < 1:
+        raise MoejaxError(f"--alpha {args.alpha} must be in [0, 1)")
+    if args.substitute not in MODES:
+        raise MoejaxError(f"--substitute {args.substitute!r} is not one of {', '.join(MODES)}")
+    if args.score_window < 1:
+        raise MoejaxError("--score-window must be at least 1")
+    sim = None
+    if args.substitute != "window" or args.similarity:
+        sim = similarity.load(Path(args.similarity) if args.similarity else path / similarity.FILE, cfg)
+    return dict(alpha=args.alpha, substitute=args.substitute, similarity=sim, score_window=args.score_window)
+
+
 def cmd_decode(args) -> None:
     import numpy as np
 
@@ -67,7 +84,7 @@ def cmd_decode(args) -> None:
     if not 0 < args.top_p <= 1:
         raise MoejaxError("--top-p must be in (0, 1]")
     spec = parse_budget(args.vram_budget) if args.vram_budget else None
-    policy = args.policy or ("lru" if spec else "resident")
+    policy = args.policy or ("smoe" if spec else "resident")
     if policy not in ALL_NAMES:
         raise MoejaxError(f"--policy {policy!r} is not one of {', '.join(ALL_NAMES)}")
     path = resolve(args.model or bundled_model())
@@ -83,6 +100,7 @@ def cmd_decode(args) -> None:
                           f"the model's context of {cfg.max_position_embeddings}")
     S = cache_length(len(prompt), args.max_new_tokens)
     itemsize = np.dtype(dtype).itemsize if dtype == "float32" else 2
+    settings = engine_settings(args, path, cfg)
     if policy == "resident":
         plan = plan_budget(cfg, itemsize, 1, S, None)
         if spec is not None and (spec[0] == "pct" and spec[1] < 1 or spec[0] == "bytes" and spec[1] < plan.budget_bytes):
@@ -91,9 +109,10 @@ def cmd_decode(args) -> None:
     else:
         from moejax.engine import OffloadEngine
 
-        engine = OffloadEngine(path, policy, spec, batch=1, cache_len=S)
+        engine = OffloadEngine(path, policy, spec, batch=1, cache_len=S, **settings)
         plan = engine.plan
-    print(f"model {cfg.model_type} ({args.model or path}), {dtype}; policy {policy}; {plan.describe()}",
+    subst = f", alpha {args.alpha:g}, substitute {args.substitute}" if policy in ("score-sub", "smoe") else ""
+    print(f"model {cfg.model_type} ({args.model or path}), {dtype}; policy {policy}{subst}; {plan.describe()}",
           file=sys.stderr)
 
     shown = ""
@@ -129,7 +148,7 @@ def cmd_decode(args) -> None:
     if args.json:
         write_json(args.json, {
             "tokens": tokens, "text": tok.decode(tokens), "prompt_tokens": len(prompt), "policy": policy,
-            "alpha": 0.0, "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots,
+            "alpha": args.alpha, "substitute": args.substitute, "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots,
             "pool_share": plan.pool_share, **stats, "compile_s": g.warmup_s, "model": str(path),
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         })
@@ -162,13 +181,85 @@ def cmd_bench(args) -> None:
     if args.trials < 1 or args.new_tokens < 2:
         raise MoejaxError("--trials must be >= 1 and --new-tokens >= 2")
     path = resolve(args.model or bundled_model())
-    records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials)
+    from moejax import checkpoint
+
+    settings = engine_settings(args, path, checkpoint.read_meta(path)[0])
+    records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials, settings)
     meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:])}
     write_json(args.json, {"meta": meta, "records": records})
     table = markdown(records)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
+
+
+def read_text_tokens(path: str, tok, min_tokens: int = 2):
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise MoejaxError(f"--text {path}: no such file")
+    text = p.read_text(errors="replace")
+    if not text.strip():
+        raise MoejaxError(f"--text {path} is empty")
+    ids = np.array(tok.encode(text).ids, np.int32)
+    if len(ids) < min_tokens:
+        raise MoejaxError(f"--text {path} has {len(ids)} tokens; at least {min_tokens} are needed")
+    return ids
+
+
+def cmd_calibrate(args) -> None:
+    import moejax
+    from moejax.offload import similarity
+
+    if args.method not in ("output", "weights"):
+        raise MoejaxError(f"--method {args.method!r} is not one of output, weights")
+    model = moejax.load(args.model or bundled_model())
+    out = Path(args.out) if args.out else model.path / similarity.FILE
+    if out.exists() and not args.force:
+        raise MoejaxError(f"{out} exists (use --force to overwrite)")
+    tokens = None
+    if args.method == "output":
+        if not args.text:
+            raise MoejaxError("--method output needs --text FILE (calibration text)")
+        tokens = read_text_tokens(args.text, model.tokenizer, 2)[: args.max_tokens][None]
+    layers = similarity.calibrate(model, tokens, args.method)
+    similarity.save(out, model.config, layers, args.method)
+    off = [float((s.sum() - s.trace()) / (s.size - len(s))) for s in layers.values()]
+    print(f"wrote {args.method} similarity of {len(layers)} layers to {out} "
+          f"(mean off-diagonal {sum(off) / len(off):.3f})", file=sys.stderr)
+
+
+def cmd_eval_ppl(args) -> None:
+    import moejax
+    from moejax.engine import OffloadEngine
+    from moejax.eval.ppl import evaluate
+    from moejax.generate import cache_length
+    from moejax.offload.budget import parse_budget
+    from moejax.offload.policies import POLICIES
+
+    spec = parse_budget(args.vram_budget) if args.vram_budget else None
+    if args.policy not in POLICIES:
+        raise MoejaxError(f"--policy {args.policy!r} is not one of {', '.join(POLICIES)}")
+    model = moejax.load(args.model or bundled_model())
+    settings = engine_settings(args, model.path, model.config)
+    tokens = read_text_tokens(args.text, model.tokenizer, args.prefix + 1)[: args.max_tokens]
+    engine = OffloadEngine(model.path, args.policy, spec, cache_len=cache_length(len(tokens), 0), **settings)
+    result = evaluate(model, engine, tokens, args.prefix, progress=True)
+    result.update(policy=args.policy, alpha=args.alpha, substitute=args.substitute,
+                  budget_bytes=engine.plan.budget_bytes, pool_slots=engine.plan.pool_slots)
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+    if args.json:
+        write_json(args.json, result)
+
+
+def _engine_flags(p) -> None:
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="importance threshold (PAPER.md 1): 0 disables substitution (default 0)")
+    p.add_argument("--substitute", default="window", help="window (default), hybrid or similarity")
+    p.add_argument("--similarity", help="similarity file (default: similarity.npz beside the checkpoint)")
+    p.add_argument("--score-window", type=int, default=16,
+                   help="decode steps over which score-aware eviction averages router probabilities")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--vram-budget", help="device memory for weights + KV cache + expert pool (512MiB, 6GiB, "
                    "1.5GB), or PCT%% = share of routed experts the pool holds; default: everything resident")
-    d.add_argument("--policy", help="resident, ondemand, lru, lfu, lru-prefetch (default: lru with a budget, "
-                   "else resident)")
+    d.add_argument("--policy", help="resident, ondemand, lru, lfu, lru-prefetch, score, score-sub, smoe "
+                   "(default: smoe with a budget, else resident)")
+    _engine_flags(d)
     d.add_argument("--json", help="write a JSON record of the run here")
     d.set_defaults(func=cmd_decode)
 
@@ -201,14 +293,37 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="converted or HF checkpoint (default: the bundled model)")
     b.add_argument("--vram-budget", default="25%,50%", help="comma-separated budgets (default 25%%,50%%)")
     b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
-    b.add_argument("--policies", default="resident,ondemand,lru,lfu,lru-prefetch")
+    b.add_argument("--policies", default="resident,ondemand,lru,lfu,lru-prefetch,score,score-sub,smoe")
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--prompt-len", type=int, default=16)
     b.add_argument("--trials", type=int, default=3)
     b.add_argument("--link", default="real", help="'real' (device_put as it is)")
+    _engine_flags(b)
     b.add_argument("--json", required=True, help="write the records here")
     b.add_argument("--markdown", help="also write the markdown table here")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="precompute per-layer expert similarity")
+    c.add_argument("--model", help="converted or HF checkpoint (default: the bundled model)")
+    c.add_argument("--text", help="calibration text file (for --method output)")
+    c.add_argument("--method", default="output", help="output (default; needs --text) or weights")
+    c.add_argument("--max-tokens", type=int, default=512)
+    c.add_argument("--out", help="output file (default: similarity.npz beside the checkpoint)")
+    c.add_argument("--force", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+
+    e = sub.add_parser("eval", help="accuracy of offloaded decoding")
+    esub = e.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    ep = esub.add_parser("ppl", help="decode-mode perplexity, top-1 agreement and KL against the resident model")
+    ep.add_argument("--model")
+    ep.add_argument("--text", required=True)
+    ep.add_argument("--vram-budget")
+    ep.add_argument("--policy", default="smoe")
+    ep.add_argument("--prefix", type=int, default=8, help="tokens prefilled before teacher forcing starts")
+    ep.add_argument("--max-tokens", type=int, default=512)
+    ep.add_argument("--json")
+    _engine_flags(ep)
+    ep.set_defaults(func=cmd_eval_ppl)
     return p
 
 

@@ -103,3 +103,51 @@ def test_decode_offloaded_json(tiny_dir, tmp_path, capsys, monkeypatch):
     assert rec["tokens"] == res["tokens"]  # offloading without substitution changes nothing
     assert rec["policy"] == "lfu" and rec["pool_share"] == 0.25 and rec["bytes_h2d"] > 0
     assert rec["peak_device_bytes"] <= rec["budget_bytes"]
+
+
+def test_calibrate_then_decode_with_similarity(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "cal.txt"
+    text.write_text("Experts live in host memory and move to the device when a layer needs them. " * 3)
+    sim = tmp_path / "sim.npz"
+    assert main(["calibrate", "--model", str(tiny_dir), "--text", str(text), "--out", str(sim)]) == 0
+    assert main(["calibrate", "--model", str(tiny_dir), "--text", str(text), "--out", str(sim)]) == 2  # no --force
+    base = ["decode", "--model", str(tiny_dir), "--prompt", "The experts", "--max-new-tokens", "4",
+            "--vram-budget", "25%", "--alpha", "0.3"]
+    assert main([*base, "--substitute", "hybrid", "--similarity", str(sim)]) == 0
+    out = tmp_path / "ev.json"
+    assert main(["eval", "ppl", "--model", str(tiny_dir), "--text", str(text), "--vram-budget", "25%",
+                 "--alpha", "0", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["top1_agreement"] == 1.0 and rec["ppl"] == pytest.approx(rec["ppl_resident"], rel=1e-4)
+    for field in ("ppl", "ppl_resident", "top1_agreement", "kl", "hit_rate", "substitution_rate", "tokens"):
+        assert field in rec
+
+
+def test_similarity_bad_input(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    base = ["decode", "--model", str(tiny_dir), "--prompt", "x", "--vram-budget", "25%"]
+    cases = [
+        (["--alpha", "1.5"], "--alpha 1.5 must be in [0, 1)"),
+        (["--alpha=-0.1"], "must be in [0, 1)"),
+        (["--substitute", "similarity", "--similarity", str(tmp_path / "none.npz")], "run `moejax calibrate` first"),
+    ]
+    # a similarity file made for another model
+    import numpy as np
+    other = tmp_path / "other.npz"
+    np.savez(other, fingerprint="0123456789abcdef", method="weights", layer_0=np.eye(4))
+    cases.append((["--substitute", "hybrid", "--similarity", str(other)], "calibrated for another model"))
+    for argv, message in cases:
+        rc = main([*base, *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("content,message", [("", "is empty"), ("hi", "at least 9 are needed")])
+def test_eval_bad_text(tiny_dir, tmp_path, capsys, monkeypatch, content, message):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "t.txt"
+    f.write_text(content)
+    rc = main(["eval", "ppl", "--model", str(tiny_dir), "--text", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err

@@ -142,3 +142,30 @@ def test_prefetch_counts_and_precision(models):
     e.generate(_prompt(model), NEW)
     assert e.t.prefetch_issued > 0
     assert 0.0 <= e.t.prefetch_precision <= 1.0
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+@pytest.mark.parametrize("policy", ["score", "score-sub", "smoe"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_alpha_zero_equals_resident(models, name, policy, budget):
+    """PAPER.md: alpha = 0 disables substitution, so every smoe step is exact at any budget."""
+    path, model = models[name]
+    prompt = _prompt(model, seed=3)
+    ref = model.generate(prompt, NEW)
+    e = OffloadEngine(path, policy, _spec(model, budget, "lru-prefetch"), cache_len=64, alpha=0.0)
+    assert e.generate(prompt, NEW).tokens == ref.tokens
+    assert e.t.substituted == 0 and e.t.peak_device_bytes <= e.plan.budget_bytes
+
+
+def test_substitution_raises_hit_rate_and_keeps_k(models):
+    path, model = models["qwen2_moe"]
+    prompt = _prompt(model, seed=4)
+    runs = {}
+    for policy, alpha in (("lru", 0.0), ("smoe", 0.5)):
+        e = OffloadEngine(path, policy, ("pct", 0.5), cache_len=64, alpha=alpha)
+        g = e.generate(prompt, NEW)
+        runs[policy] = e.t
+        assert len(g.tokens[0]) == NEW
+    assert runs["smoe"].substituted > 0
+    assert runs["smoe"].routed == runs["lru"].routed  # k experts per token, substituted or not
+    assert runs["smoe"].hit_rate > runs["lru"].hit_rate

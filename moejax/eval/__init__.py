@@ -1,0 +1,1 @@
+"""Accuracy of offloaded decoding against the resident model."""
