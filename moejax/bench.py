@@ -40,20 +40,21 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     import moejax
     from moejax import checkpoint
     from moejax.api import load_tokenizer
-    from moejax.engine import OffloadEngine
+    from moejax.engine import OffloadEngine, load_parts
     from moejax.generate import cache_length
 
     cfg, _ = checkpoint.read_meta(path)
     tok = load_tokenizer(path)
     S = cache_length(prompt_len, new_tokens)
     resident = moejax.load(path) if "resident" in policies else None
+    parts = load_parts(path)  # one host copy of the experts, shared by every engine
     records = []
     total = len(budgets) * len(batches) * trials * len(policies)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
     for spec_text, spec in budgets:
         for batch in batches:
             prompt = prompt_tokens(tok, cfg.vocab_size, batch, prompt_len)
-            engines = {p: OffloadEngine(path, p, spec, batch=batch, cache_len=S, **(settings or {}))
+            engines = {p: OffloadEngine(path, p, spec, batch=batch, cache_len=S, parts=parts, **(settings or {}))
                        for p in policies if p != "resident"}
             runs: dict[str, list] = {p: [] for p in policies}
             for trial in range(trials):

@@ -117,29 +117,35 @@ def _embed(embed, tokens):
     return embed[tokens.reshape(tokens.shape[0], -1)]
 
 
+def load_parts(path: str | Path):
+    """(config, global params, layer params without routed experts, host expert store):
+    what an engine needs from a checkpoint. Engines may share one (benchmarks build many)."""
+    path = Path(path)
+    cfg, _ = checkpoint.read_meta(path)
+    glob = checkpoint.load_item(path, "global")
+    layers, experts = [], {}
+    for i in range(cfg.num_layers):
+        p = checkpoint.load_item(path, checkpoint.layer_name(i))
+        if cfg.moe_layers[i]:
+            experts[i] = p.pop("experts")
+        layers.append(p)
+    return cfg, glob, layers, HostExpertStore(experts)  # routed experts never touch the device here
+
+
 class OffloadEngine:
     """Runs a converted checkpoint with its routed experts in host memory and a device
     expert pool sized by `budget` (a parsed --vram-budget; None = every expert fits)."""
 
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
-                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16):
+                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16, parts=None):
         path = Path(path)
-        cfg, _ = checkpoint.read_meta(path)
+        cfg, glob, layers, self.store = parts or load_parts(path)
         self.config, self.path, self.batch, self.cache_len = cfg, path, batch, cache_len
         self.policy_name = policy
         self.settings = dict(alpha=alpha, mode=substitute, score_window=score_window)
         self.similarity = similarity or {}
         self.policy = make_policy(policy, **self.settings)
-        glob = checkpoint.load_item(path, "global")
-        layers, experts = [], {}
-        for i in range(cfg.num_layers):
-            p = checkpoint.load_item(path, checkpoint.layer_name(i))
-            if cfg.moe_layers[i]:
-                experts[i] = p.pop("experts")
-            layers.append(p)
-        self.store = HostExpertStore(experts)  # routed experts never touch the device here
-        del experts
         self.module = Decoder(cfg, glob, layers, offloaded=True)  # dense weights -> device
         self.dtype = self.module.dtype
         self.layer_defs = [nnx.split(layer) for layer in self.module.layers]
