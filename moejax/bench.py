@@ -110,6 +110,6 @@ def markdown(records: list[dict]) -> str:
     for r in records:
         pp = "" if r["prefetch_precision"] != r["prefetch_precision"] else f"{r['prefetch_precision']:.2f}"
         lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['pool_slots']} | {r['hit_rate']:.3f} | "
-                     f"{r['bytes_h2d_per_token'] / 2**20:.3f} | {r['tpot_ms']:.2f} | {r['ttft_ms']:.1f} | {pp} | "
+                     f"{r['substitution_rate']:.3f} | {r['bytes_h2d_per_token'] / 2**20:.3f} | {r['tpot_ms']:.2f} | {r['ttft_ms']:.1f} | {pp} | "
                      f"{r['sched_us_median']:.0f} |")
     return "\n".join(lines)
