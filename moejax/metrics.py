@@ -24,7 +24,8 @@ class Telemetry:
     peak_device_bytes: int = 0
     ttft_s: float = float("nan")
     step_s: list[float] = field(default_factory=list)
-    sched_us: list[float] = field(default_factory=list)  # host planning time per MoE layer
+    # host planning work per MoE layer: classification, substitution, plans (not device waits)
+    sched_us: list[float] = field(default_factory=list)
 
     @property
     def hit_rate(self) -> float:
