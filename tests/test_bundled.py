@@ -1,0 +1,53 @@
+"""The bundled checkpoint loads in transformers and in moejax, with the same logits (this is
+also the proof that its HF export is right), and the CLI decodes it without --model."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import moejax  # noqa: E402
+from moejax.cli import BUNDLED, main  # noqa: E402
+
+PATH = Path(__file__).resolve().parent.parent / "checkpoints" / BUNDLED
+pytestmark = pytest.mark.skipif(not (PATH / "config.json").is_file(), reason="bundled checkpoint not present")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    import os
+
+    old = os.environ.get("MOEJAX_CACHE")
+    os.environ["MOEJAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["MOEJAX_CACHE"]
+    else:
+        os.environ["MOEJAX_CACHE"] = old
+
+
+def test_bundled_parity_with_transformers(cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(PATH)
+    ref_model = AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.float32).eval()
+    model = moejax.load(PATH, dtype="float32")
+    assert model.config.model_type == "qwen2_moe" and model.config.num_experts >= 16 and model.config.top_k >= 4
+    text = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
+    ids = model.tokenizer.encode(text).ids
+    assert ids == hf_tok(text)["input_ids"]
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits.numpy()
+    ours = model.forward(np.array([ids]))
+    assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_decode_without_model_uses_bundled(cache, capsys):
+    assert main(["decode", "--prompt", "ROMEO:", "--max-new-tokens", "12"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("ROMEO:") and len(cap.out.strip()) > len("ROMEO:")
+    assert "TPOT" in cap.err
