@@ -72,7 +72,7 @@ def _attn_route(graphdef, state, x, kv, pos, next_router):
 @jax.jit
 def _moe_out(x, h, dense, pool, slots, weights):
     """Decode: gather k experts per token from the pool. slots [N, k] -> new residual [B, T, H]."""
-    out = dense + moe.experts_gathered(h, pool[slots], weights)  # pool[slots]: [N, k, 3, H, I]
+    out = dense + moe.experts_indexed(h, pool, slots, weights)
     return x + out.reshape(x.shape)
 
 
@@ -81,7 +81,7 @@ def _predict_next(x, h, dense, pool, slots, weights, next_norm, next_router, eps
     """PAPER.md 4: the next layer's router probabilities [N, E] from an approximate hidden
     state: residual + shared/dense output + the output of the experts already on the device
     (weights of the others are 0), through the next layer's norm (attention skipped)."""
-    approx = x.reshape(h.shape) + dense + moe.experts_gathered(h, pool[slots], weights)
+    approx = x.reshape(h.shape) + dense + moe.experts_indexed(h, pool, slots, weights)
     return moe.router_probs(L.rms_norm(approx, next_norm, eps), next_router)
 
 
