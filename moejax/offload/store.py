@@ -59,6 +59,3 @@ class HostExpertStore:
         t = time.perf_counter()
         arr = jax.device_put(self._experts[(layer, expert)], self._device_sharding)
         return Transfer((layer, expert), arr, self.expert_bytes, t, kind)
-
-    def host_copy(self, layer: int, expert: int) -> np.ndarray:
-        return np.asarray(self._experts[(layer, expert)])
