@@ -88,7 +88,9 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     "prefetch_precision": stats["prefetch_precision"],
                     "sched_us_median": stats["sched_us_median"],
                     "new_tokens": new_tokens, "prompt_len": prompt_len, "trials": trials,
-                    "link": "real", "alpha": (settings or {}).get("alpha", 0.0),
+                    "link": engines[p].link.describe() if p != "resident" else "none",
+                    "prefetch_dropped": stats.get("prefetch_dropped", 0),
+                    "alpha": (settings or {}).get("alpha", 0.0),
                     "substitute": (settings or {}).get("substitute", "window"),
                 })
     bar.close()

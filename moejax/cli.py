@@ -174,8 +174,9 @@ def cmd_bench(args) -> None:
     from moejax.offload.budget import parse_budget
     from moejax.offload.policies import ALL_NAMES
 
-    if args.link != "real":
-        raise MoejaxError(f"--link {args.link!r}: only 'real' is implemented so far")
+    from moejax.offload.store import parse_link
+
+    link = parse_link(args.link)
     budgets = [(b, parse_budget(b)) for b in args.vram_budget.split(",")]
     batches = _int_list(args.batch, "--batch")
     policies = args.policies.split(",")
@@ -188,7 +189,8 @@ def cmd_bench(args) -> None:
     from moejax import checkpoint
 
     settings = engine_settings(args, path, checkpoint.read_meta(path)[0])
-    records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials, settings)
+    records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials,
+                        {**settings, "link": link})
     meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:])}
     write_json(args.json, {"meta": meta, "records": records})
     table = markdown(records)
@@ -303,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--prompt-len", type=int, default=16)
     b.add_argument("--trials", type=int, default=3)
-    b.add_argument("--link", default="real", help="'real' (device_put as it is)")
+    b.add_argument("--link", default="real", help="'real' (device_put as it is) or 'emulated:BW,LAT', e.g. "
+                   "emulated:2GB/s,10us: one transfer at a time, each at least LAT + bytes/BW")
     _engine_flags(b)
     b.add_argument("--json", required=True, help="write the records here")
     b.add_argument("--markdown", help="also write the markdown table here")

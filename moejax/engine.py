@@ -38,7 +38,7 @@ from moejax.offload.cache import ExpertPool
 from moejax.offload.importance import classify, gate_weights, substitute
 from moejax.offload.policies import make_policy
 from moejax.offload.scheduler import choose_victims, plan_layer, plan_prefetch, unique_in_order
-from moejax.offload.store import HostExpertStore, Transfer
+from moejax.offload.store import HostExpertStore, Link, Transfer
 
 
 def _rope(cfg, x, pos):
@@ -138,11 +138,13 @@ class OffloadEngine:
 
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
-                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16, parts=None):
+                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16, parts=None,
+                 link: Link | None = None):
         path = Path(path)
         cfg, glob, layers, self.store = parts or load_parts(path)
         self.config, self.path, self.batch, self.cache_len = cfg, path, batch, cache_len
         self.policy_name = policy
+        self.link = link or Link()
         self.settings = dict(alpha=alpha, mode=substitute, score_window=score_window)
         self.similarity = similarity or {}
         self.policy = make_policy(policy, **self.settings)
@@ -206,8 +208,9 @@ class OffloadEngine:
             # writes consume them before starting more (only prefill groups get here)
             jax.block_until_ready(self.pool.array)
             self._staging = []
-        tr = self.store.fetch(layer, e, kind)
+        tr = self.store.fetch(layer, e, kind, self.link)
         self.pool.put((layer, e), self.pool.free_slot(layer), tr.array)
+        self._inflight[(layer, e)] = tr
         self._staging.append(tr)
         if kind == "prefill":
             self.t.bytes_h2d_prefill += tr.nbytes
@@ -215,9 +218,25 @@ class OffloadEngine:
             self.t.bytes_h2d_decode += tr.nbytes
             self.t.transfers += 1
         if kind == "prefetch":
-            self._inflight[(layer, e)] = tr
             self._prefetched.add((layer, e))
         self._note_peak()
+
+    def _wait(self, keys) -> None:
+        """On an emulated link, compute may not start before its experts have arrived. (On a
+        real link the device orders the pool write before the compute by itself.)"""
+        if self.link.emulated:
+            for key in keys:
+                tr = self._inflight.get(key)
+                if tr is not None:
+                    tr.wait()
+
+    def _drop_stale_prefetches(self, layer: int, needed) -> None:
+        """PAPER.md 4: once a layer's real scores are known, prefetches for it that the link
+        has not started and that the layer does not need are dropped (slot freed)."""
+        for key, tr in list(self._inflight.items()):
+            if key[0] == layer and tr.kind == "prefetch" and key[1] not in needed and self.link.cancel(tr):
+                self._evict(key)
+                self.t.prefetch_dropped += 1
 
     def _candidates(self, layer: int):
         return self.pool.keys_in_range(layer), sum(k is None for k in
@@ -241,6 +260,8 @@ class OffloadEngine:
             if changed.any():
                 weights_h = gate_weights(probs_h, experts, cfg.norm_topk_prob)
                 self.t.substituted += int(changed.sum())
+        self._drop_stale_prefetches(i, set(experts.reshape(-1).tolist()))
+        resident, pending = self._landed(i)
         candidates, free = self._candidates(i)
         plan = plan_layer(i, experts, resident, pending, pol, free, candidates)
         if probs_h is not None:
@@ -263,6 +284,7 @@ class OffloadEngine:
         self.t.decode_unique += len(plan.needed)
         self.t.routed += idx_h.size
         slots = self.pool.table[i][experts]  # [N, k]
+        self._wait(used)
         x = _moe_out(x, h, dense, self.pool.array, slots, weights_h)
         pol.touch([(i, e) for e in plan.needed])
         if not pol.reuse:  # on-demand: nothing stays for later
@@ -318,6 +340,7 @@ class OffloadEngine:
             ids[: len(group)] = group
             slots = np.zeros(G, np.int32)
             slots[: len(group)] = [self.pool.slot_of[(i, e)] for e in group]
+            self._wait(shield)
             acc = _group_out(acc, h, self.pool.array, slots, ids, idx, weights, valid)
             self._staging = []
         if not self.policy.reuse:

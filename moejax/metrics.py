@@ -21,6 +21,7 @@ class Telemetry:
     transfers: int = 0
     prefetch_issued: int = 0
     prefetch_used: int = 0  # prefetched experts that the layer then computed
+    prefetch_dropped: int = 0  # queued prefetches cancelled once the real scores were known
     peak_device_bytes: int = 0
     ttft_s: float = float("nan")
     step_s: list[float] = field(default_factory=list)
@@ -48,6 +49,7 @@ class Telemetry:
             "hit_rate": self.hit_rate, "substitution_rate": self.substitution_rate,
             "bytes_h2d": self.bytes_h2d_decode, "bytes_h2d_prefill": self.bytes_h2d_prefill,
             "transfers": self.transfers, "prefetch_precision": self.prefetch_precision,
+            "prefetch_dropped": self.prefetch_dropped,
             "ttft_ms": 1e3 * self.ttft_s, "tpot_ms": self.tpot_ms, "peak_device_bytes": self.peak_device_bytes,
             "sched_us_median": float(np.median(self.sched_us)) if self.sched_us else float("nan"),
         }

@@ -169,3 +169,25 @@ def test_substitution_raises_hit_rate_and_keeps_k(models):
     assert runs["smoe"].substituted > 0
     assert runs["smoe"].routed == runs["lru"].routed  # k experts per token, substituted or not
     assert runs["smoe"].hit_rate > runs["lru"].hit_rate
+
+
+def test_slow_emulated_link_stays_exact_and_drops_stale_prefetches(models):
+    from moejax.offload.store import parse_link
+
+    path, model = models["mixtral"]
+    prompt = _prompt(model, seed=5)
+    ref = model.generate(prompt, NEW)
+    e = OffloadEngine(path, "lru-prefetch", ("pct", 0.5), cache_len=64, link=parse_link("emulated:2MB/s,50us"))
+    assert e.generate(prompt, NEW).tokens == ref.tokens
+    assert e.t.peak_device_bytes <= e.plan.budget_bytes
+    # the drop rule itself, driven by hand: three prefetches queue on a slow link for layer 1;
+    # the real scores then need only expert 4, so the queued ones for 2 and 3 are dropped
+    e = OffloadEngine(path, "lru-prefetch", ("pct", 1.0), cache_len=64, link=parse_link("emulated:1kB/s,1ms"))
+    e.reset()  # full budget preloads everything; empty the pool for the test
+    for key in list(e.pool.slot_of):
+        e.pool.evict(key)
+    for expert in (4, 2, 3):
+        e._load(1, expert, "prefetch")
+    e._drop_stale_prefetches(1, needed={4, 5})
+    assert e.t.prefetch_dropped == 2
+    assert e.pool.resident(1) == {4}  # started (first on the link): kept; the others' slots freed

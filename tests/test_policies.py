@@ -75,3 +75,33 @@ def test_registry_and_ondemand_flags():
     assert make_policy("ondemand").reuse is False and isinstance(make_policy("ondemand"), OnDemand)
     assert make_policy("lru-prefetch").prefetch == "next-layer-gate"
     assert unique_in_order(np.array([[3, 1], [1, 2]])) == [3, 1, 2]
+
+
+def _transfer(t, nbytes=1000):
+    import jax.numpy as jnp
+
+    from moejax.offload.store import Transfer
+
+    return Transfer((0, 0), jnp.zeros(1), nbytes, t, "prefetch")
+
+
+def test_emulated_link_is_serial_and_cancels_only_queued_transfers():
+    import time
+
+    from moejax.offload.store import Link, parse_link
+
+    link = parse_link("emulated:1kB/s,1ms")  # 1000 bytes take 1 s + 1 ms latency
+    assert link.bandwidth == 1e3 and link.latency == 1e-3
+    now = time.perf_counter()
+    a, b, c = _transfer(now), _transfer(now), _transfer(now)
+    for tr in (a, b, c):
+        link.schedule(tr)
+    assert a.link_start == now and a.link_end == pytest.approx(now + 1.001)
+    assert b.link_start == pytest.approx(a.link_end) and c.link_start == pytest.approx(b.link_end)
+    assert not link.cancel(a)  # already moving
+    old_c_start = c.link_start
+    assert link.cancel(b)  # queued: dropped, and c moves up
+    assert c.link_start < old_c_start and b not in link.queue
+    assert not Link().cancel(c)  # a real link has no queue to drop from
+    with pytest.raises(Exception, match="expected 'real' or 'emulated"):
+        parse_link("emulated:fast")

@@ -3,32 +3,95 @@ each, fetched to the device as an explicit transfer future."""
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import numpy as np
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field equality: two transfers of one expert are distinct
 class Transfer:
-    """One expert on its way host -> device. `array` is the device copy (async)."""
+    """One expert on its way host -> device. `array` is the device copy (async). On an
+    emulated link, link_start/link_end say when the link moves it; on a real link both are
+    the issue time and readiness is the array's own."""
 
     key: tuple[int, int]  # (layer, expert)
     array: jax.Array
     nbytes: int
-    t_start: float
+    t_start: float  # when it was issued
     kind: str = "fetch"  # "fetch" | "prefetch" | "prefill"
-    t_end: float | None = field(default=None)
+    link_start: float = 0.0
+    link_end: float = 0.0
 
     def ready(self) -> bool:
-        return self.t_end is not None or self.array.is_ready()
+        return time.perf_counter() >= self.link_end and self.array.is_ready()
 
     def wait(self) -> jax.Array:
-        if self.t_end is None:
-            self.array.block_until_ready()
-            self.t_end = time.perf_counter()
-        return self.array
+        delay = self.link_end - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return self.array.block_until_ready()
+
+
+class Link:
+    """The host -> device link. Real (bandwidth None): transfers take what device_put takes.
+    Emulated: one transfer at a time, each done no earlier than latency + bytes / bandwidth
+    after it starts, concurrently with compute -- for machines where host and device share
+    memory (DESIGN.md, "Measuring"). Transfers that have not started can be cancelled."""
+
+    def __init__(self, bandwidth: float | None = None, latency: float = 0.0):
+        self.bandwidth, self.latency = bandwidth, latency
+        self.queue: list[Transfer] = []  # scheduled and not yet finished, in link order
+
+    @property
+    def emulated(self) -> bool:
+        return self.bandwidth is not None
+
+    def describe(self) -> str:
+        if not self.emulated:
+            return "real"
+        return f"emulated link: {self.bandwidth / 1e9:g} GB/s, {self.latency * 1e6:g} us latency"
+
+    def _place(self, tr: Transfer, now: float) -> None:
+        begin = max(now, self.queue[-1].link_end if self.queue else now)
+        tr.link_start, tr.link_end = begin, begin + self.latency + tr.nbytes / self.bandwidth
+        self.queue.append(tr)
+
+    def schedule(self, tr: Transfer) -> None:
+        tr.link_start = tr.link_end = tr.t_start
+        if self.emulated:
+            self.queue = [t for t in self.queue if t.link_end > tr.t_start]
+            self._place(tr, tr.t_start)
+
+    def cancel(self, tr: Transfer) -> bool:
+        """Drop a transfer the link has not started; the ones queued after it move up."""
+        now = time.perf_counter()
+        if not self.emulated or tr not in self.queue or tr.link_start <= now:
+            return False
+        i = self.queue.index(tr)
+        later = self.queue[i + 1:]
+        del self.queue[i:]
+        for t in later:
+            self._place(t, now)
+        return True
+
+
+def parse_link(text: str) -> Link:
+    """'real' or 'emulated:BW,LAT' with BW in bytes/s units (e.g. 2GB/s) and LAT in s/ms/us."""
+    from moejax.errors import MoejaxError
+
+    if text == "real":
+        return Link()
+    m = re.fullmatch(r"emulated:(\d+(?:\.\d+)?)\s*([kmgt]?)b/s,(\d+(?:\.\d+)?)\s*(s|ms|us)", text.strip().lower())
+    if not m:
+        raise MoejaxError(f"--link {text!r}: expected 'real' or 'emulated:BW,LAT' such as emulated:2GB/s,10us")
+    bw = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}[m.group(2)]
+    lat = float(m.group(3)) * {"s": 1, "ms": 1e-3, "us": 1e-6}[m.group(4)]
+    if bw <= 0:
+        raise MoejaxError(f"--link {text!r}: bandwidth must be positive")
+    return Link(bw, lat)
 
 
 class HostExpertStore:
@@ -54,8 +117,10 @@ class HostExpertStore:
                 self._experts[(layer, e)] = jax.device_put(block, host) if host else block
         self.layers = sorted(experts)
 
-    def fetch(self, layer: int, expert: int, kind: str = "fetch") -> Transfer:
+    def fetch(self, layer: int, expert: int, kind: str = "fetch", link: Link | None = None) -> Transfer:
         """Start copying one expert to the device; returns at once."""
         t = time.perf_counter()
         arr = jax.device_put(self._experts[(layer, expert)], self._device_sharding)
-        return Transfer((layer, expert), arr, self.expert_bytes, t, kind)
+        tr = Transfer((layer, expert), arr, self.expert_bytes, t, kind)
+        (link or Link()).schedule(tr)
+        return tr
