@@ -5,8 +5,8 @@
 1. the device and its memory kinds (is `pinned_host` there?);
 2. host -> device bandwidth of `jax.device_put` from pinned host memory and from numpy
    (pageable), by transfer size;
-3. transfer/compute overlap: a batch of expert-sized transfers and a chain of matmuls,
-   alone and started together;
+3. transfer/compute overlap (scripts/overlap_probe.py): expert-sized transfers and a chain
+   of matmuls, alone and started together, from one thread and from two;
 4. exactness of the offloaded engine against the resident model on this device;
 5. the policy benchmark for real (no link emulation) on a random 4-layer model with 32
    Qwen1.5-MoE-sized experts per layer ([3, 2048, 1408], 17.3 MB in bfloat16), and on
@@ -76,42 +76,9 @@ def bandwidth():
 
 
 def overlap():
-    import jax
-    import jax.numpy as jnp
+    from overlap_probe import measure  # scripts/ is on sys.path when this script runs
 
-    d = jax.devices()[0]
-    dev = jax.sharding.SingleDeviceSharding(d)
-    pinned = jax.sharding.SingleDeviceSharding(d, memory_kind="pinned_host")
-    # 32 experts of Qwen1.5-MoE size in bf16: [3, 2048, 1408] = 17.3 MB each
-    import ml_dtypes
-
-    experts = [jax.device_put(np.ones((3, 2048, 1408), ml_dtypes.bfloat16), pinned) for _ in range(32)]
-    jax.block_until_ready(experts)
-    a = jnp.ones((8192, 8192), jnp.bfloat16)
-
-    @jax.jit
-    def chain(x):
-        for _ in range(20):
-            x = (x @ x) * 1e-4
-        return x
-
-    chain(a).block_until_ready()
-
-    def transfers():
-        return [jax.device_put(e, dev) for e in experts]
-
-    t_copy = _time(lambda: jax.block_until_ready(transfers()), 3)
-    t_comp = _time(lambda: chain(a).block_until_ready(), 3)
-
-    def both():
-        y = chain(a)
-        xs = transfers()
-        jax.block_until_ready((y, xs))
-
-    t_both = _time(both, 3)
-    return {"copy_s": t_copy, "compute_s": t_comp, "both_s": t_both,
-            "overlap_fraction": (t_copy + t_comp - t_both) / min(t_copy, t_comp),
-            "copy_GB": 32 * 3 * 2048 * 1408 * 2 / 1e9}
+    return measure()
 
 
 def random_checkpoint(root: Path, hidden, layers, experts, top_k, width, shared, dtype):

@@ -18,13 +18,10 @@ import ml_dtypes
 import numpy as np
 
 
-def main(argv=None) -> int:
+def measure() -> dict:
     import jax
     import jax.numpy as jnp
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True)
-    a = p.parse_args(argv)
     d = jax.devices()[0]
     dev = jax.sharding.SingleDeviceSharding(d)
     kinds = {m.kind for m in d.addressable_memories()}
@@ -69,6 +66,14 @@ def main(argv=None) -> int:
     shorter = min(r["copy_s"], r["compute_s"])
     for k in ("same_thread", "two_threads"):
         r[f"{k}_hidden_fraction"] = (r["copy_s"] + r["compute_s"] - r[f"{k}_s"]) / shorter
+    return r
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True)
+    a = p.parse_args(argv)
+    r = measure()
     print(json.dumps(r, indent=2))
     open(a.json, "w").write(json.dumps(r, indent=2) + "\n")
     return 0
