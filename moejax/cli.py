@@ -202,6 +202,8 @@ def cmd_bench(args) -> None:
 def read_text_tokens(path: str, tok, min_tokens: int = 2):
     import numpy as np
 
+    if tok is None:
+        raise MoejaxError("the model has no tokenizer.json to read --text with")
     p = Path(path)
     if not p.is_file():
         raise MoejaxError(f"--text {path}: no such file")
@@ -257,6 +259,91 @@ def cmd_eval_ppl(args) -> None:
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     if args.json:
         write_json(args.json, result)
+
+
+def cmd_trace_record(args) -> None:
+    import numpy as np
+
+    from moejax import checkpoint
+    from moejax.api import load_tokenizer, resolve
+    from moejax.engine import OffloadEngine
+    from moejax.eval.trace import TraceRecorder
+    from moejax.generate import cache_length
+    from moejax.offload.budget import parse_budget
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise MoejaxError(f"{out} exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise MoejaxError(f"--out: directory {out.parent} does not exist")
+    if not args.prompt:
+        raise MoejaxError("--prompt is empty")
+    path = resolve(args.model or bundled_model())
+    cfg, _ = checkpoint.read_meta(path)
+    tok = load_tokenizer(path)
+    if tok is None:
+        raise MoejaxError(f"{path} has no tokenizer.json")
+    ids = tok.encode(args.prompt).ids
+    spec = parse_budget(args.vram_budget) if args.vram_budget else None
+    engine = OffloadEngine(path, args.policy, spec, cache_len=cache_length(len(ids), args.max_new_tokens),
+                           **engine_settings(args, path, cfg))
+    engine.recorder = TraceRecorder()
+    engine.generate(np.array([ids]), args.max_new_tokens, stop_ids=cfg.eos_token_ids)
+    engine.recorder.save(out, cfg, 1)
+    print(f"recorded {len(engine.recorder.steps)} decode steps x {len(cfg.moe_layer_ids)} MoE layers to {out} "
+          f"(engine: policy {args.policy}, hit rate {engine.t.hit_rate:.3f})", file=sys.stderr)
+
+
+def cmd_replay(args) -> None:
+    from moejax import checkpoint
+    from moejax.api import resolve
+    from moejax.eval.trace import REPLAYABLE, Trace, replay
+
+    cfg = checkpoint.read_meta(resolve(args.model))[0] if args.model else None
+    if not Path(args.trace).is_file():
+        raise MoejaxError(f"no trace at {args.trace}")
+    trace = Trace(Path(args.trace), cfg)
+    policies = args.policy.split(",")
+    for p in policies:
+        if p not in REPLAYABLE:
+            raise MoejaxError(f"--policy {p!r} cannot be replayed (replayable: {', '.join(REPLAYABLE)})")
+    sizes = []
+    for c in args.cache.split(","):
+        c = c.strip()
+        try:
+            slots = round(float(c[:-1]) / 100 * trace.total_experts) if c.endswith("%") else int(c)
+        except ValueError:
+            raise MoejaxError(f"--cache {c!r}: expected a slot count or a percentage") from None
+        sizes.append(slots)
+    rows = [replay(trace, p, n, alpha=args.alpha) for n in sizes for p in policies]
+    print("| policy | slots | share | hit rate | transfers |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['policy']} | {r['slots']} | {100 * r['share']:.1f}% | {r['hit_rate']:.3f} | {r['transfers']} |")
+    if args.json:
+        write_json(args.json, {"trace": str(args.trace), "rows": rows})
+    if args.figure:
+        plot_curves(rows, args.figure, "hit rate vs cache size (trace replay)")
+
+
+def plot_curves(rows: list[dict], path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoejaxError("--figure needs matplotlib (pip install -e '.[plot]')") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((100 * r["share"], r["hit_rate"]) for r in rows if r["policy"] == p)
+        ax.plot(*zip(*pts), marker="o", label=p, linestyle="--" if p == "belady" else "-")
+    ax.set_xlabel("expert cache, % of routed experts")
+    ax.set_ylabel("hit rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _engine_flags(p) -> None:
@@ -320,6 +407,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="output file (default: similarity.npz beside the checkpoint)")
     c.add_argument("--force", action="store_true")
     c.set_defaults(func=cmd_calibrate)
+
+    t = sub.add_parser("trace", help="record router traces")
+    tsub = t.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    tr = tsub.add_parser("record", help="run the engine and record every layer's routing")
+    tr.add_argument("--model")
+    tr.add_argument("--prompt", required=True)
+    tr.add_argument("--max-new-tokens", type=int, default=64)
+    tr.add_argument("--vram-budget")
+    tr.add_argument("--policy", default="lru")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--force", action="store_true")
+    _engine_flags(tr)
+    tr.set_defaults(func=cmd_trace_record)
+
+    r = sub.add_parser("replay", help="simulate policies on a trace, without the model (incl. belady)")
+    r.add_argument("trace")
+    r.add_argument("--model", help="check that the trace was recorded with this model")
+    r.add_argument("--policy", default="lru,lfu,score,belady", help="comma-separated")
+    r.add_argument("--cache", default="10%,25%,50%,75%", help="comma-separated slot counts or percentages")
+    r.add_argument("--alpha", type=float, default=0.0, help="for score-sub")
+    r.add_argument("--json")
+    r.add_argument("--figure", help="write hit rate vs cache size as a PNG")
+    r.set_defaults(func=cmd_replay)
 
     e = sub.add_parser("eval", help="accuracy of offloaded decoding")
     esub = e.add_subparsers(dest="what", required=True, parser_class=_Parser)

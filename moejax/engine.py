@@ -145,6 +145,7 @@ class OffloadEngine:
         self.config, self.path, self.batch, self.cache_len = cfg, path, batch, cache_len
         self.policy_name = policy
         self.link = link or Link()
+        self.recorder = None  # a moejax.eval.trace.TraceRecorder, to record the routing
         self.settings = dict(alpha=alpha, mode=substitute, score_window=score_window)
         self.similarity = similarity or {}
         self.policy = make_policy(policy, **self.settings)
@@ -251,7 +252,9 @@ class OffloadEngine:
         next_router = self.module.layers[nxt].router[...] if gate else None
         x, h, dense, probs, weights, idx, pred, self.kv[i] = _attn_route(gd, st, x, self.kv[i], pos, next_router)
         idx_h, weights_h = np.asarray(idx), np.asarray(weights)  # [N, k]: the layer's device -> host reads
-        probs_h = np.asarray(probs) if pol.needs_probs else None  # [N, E]
+        probs_h = np.asarray(probs) if (pol.needs_probs or self.recorder) else None  # [N, E]
+        if self.recorder is not None:
+            self.recorder.on_decode(i, idx_h, probs_h)
         t0 = time.perf_counter()
         resident, pending = self._landed(i)
         experts = idx_h
@@ -318,6 +321,8 @@ class OffloadEngine:
         gd, st = self.layer_defs[i]
         x, h, dense, _, weights, idx, _, self.kv[i] = _attn_route(gd, st, x, self.kv[i], np.int32(0), None)
         idx_h = np.asarray(idx).reshape(self.batch, -1, idx.shape[-1])[:, :T].reshape(-1)  # real tokens only
+        if self.recorder is not None:
+            self.recorder.on_prefill(i, idx_h.reshape(-1, idx.shape[-1]))
         needed = unique_in_order(idx_h)
         resident = self.pool.resident(i)
         order = [e for e in needed if e in resident] + [e for e in needed if e not in resident]

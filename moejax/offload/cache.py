@@ -23,11 +23,13 @@ class ExpertPool:
     """Slots shared by all MoE layers (the paper's global cache), or split evenly per layer."""
 
     def __init__(self, slots: int, expert_shape, dtype, layers: list[int], num_experts: int,
-                 per_layer: bool = False):
+                 per_layer: bool = False, device: bool = True):
+        """device=False keeps only the bookkeeping (trace replay simulates a pool)."""
         if slots < 1:
             raise ValueError("the expert pool needs at least one slot")
         self.slots = slots
-        self.array = jax.device_put(jnp.zeros((slots, *expert_shape), dtype), jax.devices()[0])  # committed
+        self.array = (jax.device_put(jnp.zeros((slots, *expert_shape), dtype), jax.devices()[0])  # committed
+                      if device else None)
         self.slot_of: dict[tuple[int, int], int] = {}
         self.key_of: list[tuple[int, int] | None] = [None] * slots
         # table[layer, expert] = slot or -1: turns routed ids into slot ids with one numpy take
@@ -62,7 +64,8 @@ class ExpertPool:
     def put(self, key: tuple[int, int], slot: int, block: jax.Array) -> None:
         """Place a (device) expert block in a free slot."""
         assert self.key_of[slot] is None, f"slot {slot} is taken by {self.key_of[slot]}"
-        self.array = _write(self.array, block, np.int32(slot))
+        if self.array is not None:
+            self.array = _write(self.array, block, np.int32(slot))
         self.slot_of[key] = slot
         self.key_of[slot] = key
         self.table[key] = slot
