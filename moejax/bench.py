@@ -34,7 +34,7 @@ def prompt_tokens(tokenizer, vocab: int, batch: int, length: int, seed: int = 0)
 
 def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str], new_tokens: int = 32,
               prompt_len: int = 16, trials: int = 3, settings: dict | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, parts=None) -> list[dict]:
     from tqdm.auto import tqdm
 
     import moejax
@@ -47,7 +47,7 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     tok = load_tokenizer(path)
     S = cache_length(prompt_len, new_tokens)
     resident = moejax.load(path) if "resident" in policies else None
-    parts = load_parts(path)  # one host copy of the experts, shared by every engine
+    parts = parts or load_parts(path)  # one host copy of the experts, shared by every engine
     records = []
     total = len(budgets) * len(batches) * trials * len(policies)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
@@ -97,6 +97,43 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     return records
 
 
+# PAPER.md's Qwen2-57B-A14B on an A6000 over PCIe 4.0: one bf16 expert (55 MB) takes ~2 ms to
+# transfer at ~26 GB/s and ~0.07 ms to stream through the GPU's 768 GB/s at batch 1.
+PAPER_TRANSFER_TO_COMPUTE = 28.0
+
+
+def expert_compute_s(parts, reps: int = 200) -> float:
+    """Median wall time of one routed expert on one token, on this machine (jitted, synchronised)."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.model import moe
+
+    cfg, _, _, store = parts
+    block = store.fetch(store.layers[0], 0).array[None]  # [1, 3, H, I] on the device
+    x = jnp.ones((1, cfg.hidden_size), block.dtype)
+    ids, w = np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32)
+    f = jax.jit(moe.experts_indexed)
+    f(x, block, ids, w).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(x, block, ids, w).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def paper_link(parts):
+    """An emulated link that gives this model on this machine the paper's transfer-to-compute
+    ratio: bandwidth = expert bytes / (28 x measured time to compute one expert)."""
+    from moejax.offload.store import Link
+
+    t = expert_compute_s(parts)
+    return Link(bandwidth=parts[3].expert_bytes / (PAPER_TRANSFER_TO_COMPUTE * t), latency=0.0)
+
+
 def machine() -> dict:
     import jax
 
@@ -109,6 +146,9 @@ def markdown(records: list[dict]) -> str:
     lines = ["| budget | batch | policy | pool slots | hit rate | subst. rate | MiB moved / token | TPOT ms | TTFT ms | "
              "prefetch precision | sched µs (median/layer) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    links = sorted({r["link"] for r in records if r["link"] != "none"})
+    if links:
+        lines.insert(0, f"Link: {', '.join(links)}\n")
     for r in records:
         pp = "" if r["prefetch_precision"] != r["prefetch_precision"] else f"{r['prefetch_precision']:.2f}"
         lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['pool_slots']} | {r['hit_rate']:.3f} | "

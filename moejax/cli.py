@@ -174,9 +174,6 @@ def cmd_bench(args) -> None:
     from moejax.offload.budget import parse_budget
     from moejax.offload.policies import ALL_NAMES
 
-    from moejax.offload.store import parse_link
-
-    link = parse_link(args.link)
     budgets = [(b, parse_budget(b)) for b in args.vram_budget.split(",")]
     batches = _int_list(args.batch, "--batch")
     policies = args.policies.split(",")
@@ -189,8 +186,13 @@ def cmd_bench(args) -> None:
     from moejax import checkpoint
 
     settings = engine_settings(args, path, checkpoint.read_meta(path)[0])
+    from moejax.engine import load_parts
+
+    parts = load_parts(path)
+    link = _link(args, parts)
+    print(f"link: {link.describe()}", file=sys.stderr)
     records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials,
-                        {**settings, "link": link})
+                        {**settings, "link": link}, parts=parts)
     meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:])}
     write_json(args.json, {"meta": meta, "records": records})
     table = markdown(records)
@@ -346,6 +348,94 @@ def plot_curves(rows: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def cmd_eval_sweep(args) -> None:
+    import numpy as np
+
+    import moejax
+    from moejax.engine import OffloadEngine, load_parts
+    from moejax.eval.ppl import evaluate
+    from moejax.generate import cache_length
+    from moejax.offload.budget import parse_budget
+
+    try:
+        alphas = [float(a) for a in args.alphas.split(",")]
+    except ValueError:
+        raise MoejaxError(f"--alphas {args.alphas!r}: expected comma-separated numbers") from None
+    bad = [a for a in alphas if not 0 <= a < 1]
+    if bad:
+        raise MoejaxError(f"--alphas: {bad[0]} is not in [0, 1)")
+    spec = parse_budget(args.vram_budget)
+    model = moejax.load(args.model or bundled_model())
+    args.alpha = 0.0
+    settings = engine_settings(args, model.path, model.config)
+    tokens = read_text_tokens(args.text, model.tokenizer, args.prefix + 1)[: args.max_tokens]
+    prompt = tokens[None, : args.prefix]
+    parts = load_parts(model.path)
+    link = _link(args, parts)
+    rows = []
+    for a in alphas:
+        settings["alpha"] = a
+        e = OffloadEngine(model.path, args.policy, spec, cache_len=cache_length(len(tokens), args.new_tokens),
+                          parts=parts, link=link, **settings)
+        row = {"alpha": a, **evaluate(model, e, tokens, args.prefix)}
+        e.reset()
+        g = e.generate(prompt, args.new_tokens, warmup=True)
+        row.update(tpot_ms=g.tpot_ms, tpot_hit_rate=e.t.hit_rate, link=link.describe())
+        rows.append(row)
+        print(f"alpha {a:g}: ppl {row['ppl']:.3f} (resident {row['ppl_resident']:.3f}), top-1 "
+              f"{row['top1_agreement']:.3f}, KL {row['kl']:.4f}, hit rate {row['hit_rate']:.3f}, "
+              f"TPOT {row['tpot_ms']:.2f} ms", file=sys.stderr)
+    table = ["| alpha | ppl | ppl change | top-1 agreement | KL | hit rate | subst. rate | TPOT ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['alpha']:g} | {r['ppl']:.3f} | {100 * (r['ppl'] / r['ppl_resident'] - 1):+.2f}% | "
+                     f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {r['hit_rate']:.3f} | "
+                     f"{r['substitution_rate']:.3f} | {r['tpot_ms']:.2f} |")
+    print("\n".join(table))
+    meta = {"policy": args.policy, "budget": args.vram_budget, "substitute": args.substitute, "text": args.text,
+            "link": link.describe(), "command": "moejax " + " ".join(sys.argv[1:])}
+    if args.json:
+        write_json(args.json, {"meta": meta, "rows": rows})
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(table) + "\n")
+    if args.figure:
+        _plot_sweep(rows, args.figure, f"{args.policy} at {args.vram_budget} ({link.describe()})")
+
+
+def _plot_sweep(rows, path, title) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoejaxError("--figure needs matplotlib (pip install -e '.[plot]')") from None
+    a = [r["alpha"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(a, [r["top1_agreement"] for r in rows], "o-", label="top-1 agreement")
+    ax.plot(a, [r["hit_rate"] for r in rows], "s-", label="hit rate")
+    ax.set_xlabel("alpha")
+    ax.set_ylim(0, 1.02)
+    ax2 = ax.twinx()
+    ax2.plot(a, [r["tpot_ms"] for r in rows], "^--", color="tab:red", label="TPOT (ms)")
+    ax2.set_ylabel("TPOT ms")
+    ax.set_title(title, fontsize=9)
+    fig.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _link(args, parts):
+    """--link real | emulated:BW,LAT | emulated:paper (see moejax.bench.paper_link)."""
+    from moejax.offload.store import parse_link
+
+    if getattr(args, "link", "real") == "emulated:paper":
+        from moejax.bench import paper_link
+
+        return paper_link(parts)
+    return parse_link(getattr(args, "link", "real"))
+
+
 def _engine_flags(p) -> None:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                    help=f"importance threshold (PAPER.md 1) for score-sub/smoe; 0 disables substitution "
@@ -392,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=32)
     b.add_argument("--prompt-len", type=int, default=16)
     b.add_argument("--trials", type=int, default=3)
-    b.add_argument("--link", default="real", help="'real' (device_put as it is) or 'emulated:BW,LAT', e.g. "
-                   "emulated:2GB/s,10us: one transfer at a time, each at least LAT + bytes/BW")
+    b.add_argument("--link", default="real", help="'real' (device_put as it is), 'emulated:BW,LAT', e.g. "
+                   "emulated:2GB/s,10us (one transfer at a time, each at least LAT + bytes/BW), or "
+                   "'emulated:paper' (the paper's transfer/compute ratio, see docs/benchmarks.md)")
     _engine_flags(b)
     b.add_argument("--json", required=True, help="write the records here")
     b.add_argument("--markdown", help="also write the markdown table here")
@@ -443,6 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--json")
     _engine_flags(ep)
     ep.set_defaults(func=cmd_eval_ppl)
+    es = esub.add_parser("sweep", help="accuracy, hit rate and TPOT across alpha at one budget")
+    es.add_argument("--model")
+    es.add_argument("--text", required=True)
+    es.add_argument("--vram-budget", default="25%")
+    es.add_argument("--policy", default="smoe")
+    es.add_argument("--alphas", default="0,0.1,0.2,0.25,0.3,0.35,0.45,0.6")
+    es.add_argument("--prefix", type=int, default=16)
+    es.add_argument("--max-tokens", type=int, default=512)
+    es.add_argument("--new-tokens", type=int, default=32, help="tokens generated to time TPOT")
+    es.add_argument("--link", default="real", help="real, emulated:BW,LAT or emulated:paper")
+    es.add_argument("--json")
+    es.add_argument("--markdown")
+    es.add_argument("--figure")
+    _engine_flags(es)
+    es.set_defaults(func=cmd_eval_sweep)
     return p
 
 

@@ -151,3 +151,31 @@ def test_eval_bad_text(tiny_dir, tmp_path, capsys, monkeypatch, content, message
     rc = main(["eval", "ppl", "--model", str(tiny_dir), "--text", str(f)])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_eval_sweep_and_bad_alphas(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text("Experts live in host memory and move to the device when a layer needs them. " * 4)
+    out = tmp_path / "sweep.json"
+    base = ["eval", "sweep", "--model", str(tiny_dir), "--text", str(text), "--prefix", "4", "--new-tokens", "3"]
+    assert main([*base, "--alphas", "0,0.5", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["alpha"] for r in rows] == [0.0, 0.5] and rows[0]["top1_agreement"] == 1.0
+    assert all("tpot_ms" in r and "hit_rate" in r for r in rows)
+    capsys.readouterr()
+    for alphas, message in (("0,1.2", "1.2 is not in [0, 1)"), ("a,b", "expected comma-separated numbers")):
+        rc = main([*base, "--alphas", alphas])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_bench_emulated_link_labelled(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", str(tiny_dir), "--vram-budget", "50%", "--policies", "lru,smoe", "--trials", "1",
+                 "--new-tokens", "3", "--link", "emulated:50MB/s,10us", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert all(r["link"] == "emulated link: 0.05 GB/s, 10 us latency" for r in recs)
+    assert "emulated link" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_dir), "--link", "emulated:fast", "--json", str(out)]) == 2
