@@ -190,10 +190,15 @@ def cmd_bench(args) -> None:
 
     parts = load_parts(path)
     link = _link(args, parts)
-    print(f"link: {link.describe()}", file=sys.stderr)
+    from moejax.bench import h2d_bandwidth
+
+    bw = None if link.emulated else h2d_bandwidth(parts)
+    print(f"link: {link.describe()}" + (f" (measured host -> device: {bw / 1e9:.2f} GB/s per expert fetch)"
+                                        if bw else ""), file=sys.stderr)
     records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials,
                         {**settings, "link": link}, parts=parts)
-    meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:])}
+    meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:]),
+            "link": link.describe(), "h2d_bytes_per_s": bw}
     write_json(args.json, {"meta": meta, "records": records})
     table = markdown(records)
     print(table)
@@ -488,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_flags(b)
     b.add_argument("--json", required=True, help="write the records here")
     b.add_argument("--markdown", help="also write the markdown table here")
+    b.add_argument("--figure", help="also write TPOT and hit rate per policy as a PNG")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("calibrate", help="precompute per-layer expert similarity")
