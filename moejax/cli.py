@@ -425,7 +425,7 @@ def _plot_sweep(rows, path, title) -> None:
     ax2.plot(a, [r["tpot_ms"] for r in rows], "^--", color="tab:red", label="TPOT (ms)")
     ax2.set_ylabel("TPOT ms")
     ax.set_title(title, fontsize=9)
-    fig.legend(loc="lower left", fontsize=8)
+    fig.legend(loc="center right", fontsize=8, bbox_to_anchor=(0.88, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
