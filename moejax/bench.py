@@ -139,32 +139,6 @@ def h2d_bandwidth(parts, n: int = 32) -> float:
     return len(keys) * store.expert_bytes / (time.perf_counter() - t)
 
 
-def plot(records: list[dict], path: str) -> None:
-    """TPOT and hit rate per policy, one group per (budget, batch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = list(dict.fromkeys((r["budget"], r["batch"]) for r in records))
-    policies = list(dict.fromkeys(r["policy"] for r in records))
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    width = 0.8 / len(policies)
-    for j, p in enumerate(policies):
-        rs = {(r["budget"], r["batch"]): r for r in records if r["policy"] == p}
-        xs = [i + j * width for i in range(len(configs))]
-        axes[0].bar(xs, [rs[c]["tpot_ms"] for c in configs], width, label=p)
-        axes[1].bar(xs, [rs[c]["hit_rate"] for c in configs], width, label=p)
-    axes[0].set_ylabel("TPOT ms")
-    axes[1].set_ylabel("hit rate")
-    axes[1].set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
-    axes[1].set_xticklabels([f"{b}, batch {n}" for b, n in configs])
-    axes[0].set_title(f"policies side by side ({records[-1]['link']})", fontsize=9)
-    axes[0].legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def paper_link(parts):
     """An emulated link that gives this model on this machine the paper's transfer-to-compute
     ratio: bandwidth = expert bytes / (28 x measured time to compute one expert)."""

@@ -204,6 +204,10 @@ def cmd_bench(args) -> None:
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
+    if args.figure:
+        from moejax.plots import policy_bars
+
+        policy_bars(records, args.figure)
 
 
 def read_text_tokens(path: str, tok, min_tokens: int = 2):
@@ -329,28 +333,9 @@ def cmd_replay(args) -> None:
     if args.json:
         write_json(args.json, {"trace": str(args.trace), "rows": rows})
     if args.figure:
-        plot_curves(rows, args.figure, "hit rate vs cache size (trace replay)")
+        from moejax.plots import hit_rate_curves
 
-
-def plot_curves(rows: list[dict], path: str, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MoejaxError("--figure needs matplotlib (pip install -e '.[plot]')") from None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for p in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((100 * r["share"], r["hit_rate"]) for r in rows if r["policy"] == p)
-        ax.plot(*zip(*pts), marker="o", label=p, linestyle="--" if p == "belady" else "-")
-    ax.set_xlabel("expert cache, % of routed experts")
-    ax.set_ylabel("hit rate")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        hit_rate_curves(rows, args.figure, "hit rate vs cache size (trace replay)")
 
 
 def cmd_eval_sweep(args) -> None:
@@ -404,30 +389,9 @@ def cmd_eval_sweep(args) -> None:
     if args.markdown:
         Path(args.markdown).write_text("\n".join(table) + "\n")
     if args.figure:
-        _plot_sweep(rows, args.figure, f"{args.policy} at {args.vram_budget} ({link.describe()})")
+        from moejax.plots import alpha_sweep
 
-
-def _plot_sweep(rows, path, title) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MoejaxError("--figure needs matplotlib (pip install -e '.[plot]')") from None
-    a = [r["alpha"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(a, [r["top1_agreement"] for r in rows], "o-", label="top-1 agreement")
-    ax.plot(a, [r["hit_rate"] for r in rows], "s-", label="hit rate")
-    ax.set_xlabel("alpha")
-    ax.set_ylim(0, 1.02)
-    ax2 = ax.twinx()
-    ax2.plot(a, [r["tpot_ms"] for r in rows], "^--", color="tab:red", label="TPOT (ms)")
-    ax2.set_ylabel("TPOT ms")
-    ax.set_title(title, fontsize=9)
-    fig.legend(loc="center right", fontsize=8, bbox_to_anchor=(0.88, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        alpha_sweep(rows, args.figure, f"{args.policy} at {args.vram_budget} ({link.describe()})")
 
 
 def _link(args, parts):

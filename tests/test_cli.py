@@ -159,7 +159,8 @@ def test_eval_sweep_and_bad_alphas(tiny_dir, tmp_path, capsys, monkeypatch):
     text.write_text("Experts live in host memory and move to the device when a layer needs them. " * 4)
     out = tmp_path / "sweep.json"
     base = ["eval", "sweep", "--model", str(tiny_dir), "--text", str(text), "--prefix", "4", "--new-tokens", "3"]
-    assert main([*base, "--alphas", "0,0.5", "--json", str(out)]) == 0
+    assert main([*base, "--alphas", "0,0.5", "--json", str(out), "--figure", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["alpha"] for r in rows] == [0.0, 0.5] and rows[0]["top1_agreement"] == 1.0
     assert all("tpot_ms" in r and "hit_rate" in r for r in rows)
@@ -173,8 +174,11 @@ def test_eval_sweep_and_bad_alphas(tiny_dir, tmp_path, capsys, monkeypatch):
 def test_bench_emulated_link_labelled(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "b.json"
+    pytest.importorskip("matplotlib")
+    fig = tmp_path / "b.png"
     assert main(["bench", "--model", str(tiny_dir), "--vram-budget", "50%", "--policies", "lru,smoe", "--trials", "1",
-                 "--new-tokens", "3", "--link", "emulated:50MB/s,10us", "--json", str(out)]) == 0
+                 "--new-tokens", "3", "--link", "emulated:50MB/s,10us", "--json", str(out), "--figure", str(fig)]) == 0
+    assert fig.stat().st_size > 0
     recs = json.loads(out.read_text())["records"]
     assert all(r["link"] == "emulated link: 0.05 GB/s, 10 us latency" for r in recs)
     assert "emulated link" in capsys.readouterr().err

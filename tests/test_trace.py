@@ -49,7 +49,9 @@ def test_trace_cli_and_bad_input(model, tmp_path, capsys, monkeypatch):
     e.recorder = rec
     e.generate(np.array([[1, 2, 3]]), 4)
     rec.save(out, m.config, 1)
-    assert main(["replay", str(out), "--model", str(path), "--cache", "50%,8", "--policy", "lru,belady"]) == 0
+    assert main(["replay", str(out), "--model", str(path), "--cache", "50%,8", "--policy", "lru,belady",
+                 "--figure", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").stat().st_size > 0
     other = moejax.MoEConfig.from_json(m.config.to_json().replace('"vocab_size": 128', '"vocab_size": 129'))
     rec.save(tmp_path / "other.npz", other, 1)
     cases = [
