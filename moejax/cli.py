@@ -102,7 +102,9 @@ def cmd_decode(args) -> None:
         raise MoejaxError(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
                           f"the model's context of {cfg.max_position_embeddings}")
     S = cache_length(len(prompt), args.max_new_tokens)
-    itemsize = np.dtype(dtype).itemsize if dtype == "float32" else 2
+    from moejax.convert import DTYPES
+
+    itemsize = DTYPES[dtype].itemsize
     settings = engine_settings(args, path, cfg)
     if policy == "resident":
         plan = plan_budget(cfg, itemsize, 1, S, None)

@@ -231,13 +231,19 @@ class OffloadEngine:
                 if tr is not None:
                     tr.wait()
 
-    def _drop_stale_prefetches(self, layer: int, needed) -> None:
+    def _drop_stale_prefetches(self, layer: int, needed) -> bool:
         """PAPER.md 4: once a layer's real scores are known, prefetches for it that the link
-        has not started and that the layer does not need are dropped (slot freed)."""
+        has not started and that the layer does not need are dropped (slot freed). Only an
+        emulated link queues transfers; a real device_put starts at once. -> whether any was."""
+        if not self.link.emulated:
+            return False
+        dropped = False
         for key, tr in list(self._inflight.items()):
             if key[0] == layer and tr.kind == "prefetch" and key[1] not in needed and self.link.cancel(tr):
                 self._evict(key)
                 self.t.prefetch_dropped += 1
+                dropped = True
+        return dropped
 
     def _candidates(self, layer: int):
         return self.pool.keys_in_range(layer), sum(k is None for k in
@@ -263,8 +269,8 @@ class OffloadEngine:
             if changed.any():
                 weights_h = gate_weights(probs_h, experts, cfg.norm_topk_prob)
                 self.t.substituted += int(changed.sum())
-        self._drop_stale_prefetches(i, set(experts.reshape(-1).tolist()))
-        resident, pending = self._landed(i)
+        if pol.prefetch and self._drop_stale_prefetches(i, set(experts.reshape(-1).tolist())):
+            resident, pending = self._landed(i)
         candidates, free = self._candidates(i)
         plan = plan_layer(i, experts, resident, pending, pol, free, candidates)
         if probs_h is not None:
