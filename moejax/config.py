@@ -38,10 +38,39 @@ class MoEConfig:
     # Which layers have a routed MoE block; the others have a dense SwiGLU MLP.
     moe_layers: tuple[bool, ...]
     dense_intermediate_size: int = 0
-    # Shared expert (qwen2_moe): width 0 means none; its output is scaled by
+    # Shared expert (qwen2_moe, deepseek*): width 0 means none; its output is scaled by
     # sigmoid(x @ shared_gate) when shared_expert_gate is set.
     shared_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    # Router (moejax/model/moe.py): "softmax" over all routed experts, or per-expert
+    # "sigmoid" (deepseek_v3); topk_method "greedy", "group_limited_greedy" (deepseek_v2:
+    # best expert per group ranks the groups) or "noaux_tc" (deepseek_v3: a per-expert
+    # correction bias, used only to select, and the top-2 sum ranks the groups); the top
+    # `topk_group` of `n_group` groups are eligible. Weights are scaled by
+    # routed_scaling_factor; router_fp32 computes the router matmul in float32.
+    router: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    router_fp32: bool = False
+    # Attention: "gqa" (q/k/v projections, K heads of head_dim) or "mla" (multi-head latent
+    # attention, deepseek_v2/v3): queries directly (q_lora_rank 0) or through a rank
+    # q_lora_rank bottleneck; keys and values from a kv_lora_rank latent that the KV cache
+    # stores with one shared rope key of head_dim (= qk_rope_head_dim) per position.
+    attention: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    # RoPE: YaRN parameters (factor, original_max_position_embeddings, beta_fast, beta_slow,
+    # truncate, attention_factor), empty for plain RoPE; softmax_mscale multiplies MLA's
+    # softmax scale (YaRN's mscale_all_dim). rope_interleave: the checkpoint pairs rope dims
+    # as (0, 1), (2, 3), ...; the converter permutes them to HF's half split, so the model
+    # only ever sees the half split.
+    rope_yarn: tuple[float, ...] = ()
+    softmax_mscale: float = 1.0
+    rope_interleave: bool = False
     # Attention quirks.
     qkv_bias: bool = False
     o_bias: bool = False
@@ -63,11 +92,45 @@ class MoEConfig:
             raise UnsupportedConfig(f"num_experts_per_tok={self.top_k} must be in [1, {self.num_experts}]")
         if self.qk_norm not in ("none", "head", "proj"):
             raise UnsupportedConfig(f"qk_norm={self.qk_norm!r}")
+        if self.router not in ("softmax", "sigmoid"):
+            raise UnsupportedConfig(f"router scoring {self.router!r} is not supported (softmax, sigmoid)")
+        if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise UnsupportedConfig(f"topk_method={self.topk_method!r} is not supported "
+                                    "(greedy, group_limited_greedy, noaux_tc)")
+        if self.n_group < 1 or self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise UnsupportedConfig(f"n_group={self.n_group}, topk_group={self.topk_group} do not divide "
+                                    f"{self.num_experts} experts into groups")
+        if self.n_group > 1 and self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise UnsupportedConfig(f"num_experts_per_tok={self.top_k} exceeds the experts of "
+                                    f"topk_group={self.topk_group} groups")
+        if self.topk_method == "noaux_tc" and self.n_group > 1 and self.num_experts // self.n_group < 2:
+            raise UnsupportedConfig("topk_method noaux_tc ranks groups by their top-2 experts: "
+                                    "groups need at least 2 experts")
+        if self.attention not in ("gqa", "mla"):
+            raise UnsupportedConfig(f"attention={self.attention!r}")
+        if self.attention == "mla" and min(self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim) <= 0:
+            raise UnsupportedConfig("multi-head latent attention needs positive kv_lora_rank, "
+                                    "qk_nope_head_dim and v_head_dim")
+        if self.head_dim % 2:
+            raise UnsupportedConfig(f"rotary head dim {self.head_dim} must be even")
 
     # ---- derived sizes ------------------------------------------------------------------
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
         return tuple(i for i, m in enumerate(self.moe_layers) if m)
+
+    @property
+    def kv_cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Per-position (heads, dim) of the two arrays a layer's KV cache holds: keys and
+        values, or for MLA the normalised latent and the shared rope key."""
+        if self.attention == "mla":
+            return (1, self.kv_lora_rank), (1, self.head_dim)
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        """MLA's attention scale: 1/sqrt(query-key dim), times YaRN's mscale correction."""
+        return (self.qk_nope_head_dim + self.head_dim) ** -0.5 * self.softmax_mscale
 
     @property
     def expert_shape(self) -> tuple[int, int, int]:
@@ -98,6 +161,7 @@ class MoEConfig:
         d = json.loads(text)
         d["moe_layers"] = tuple(d["moe_layers"])
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        d["rope_yarn"] = tuple(d.get("rope_yarn", ()))
         return cls(**d)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from moejax import checkpoint, families
 from moejax.config import MoEConfig, read_hf_config
 from moejax.errors import CheckpointError, ConversionError
-from moejax.model.params import global_shapes, layer_shapes
+from moejax.model.params import dtype_of, global_shapes, layer_shapes
 from moejax.safetensors_io import TensorInfo, index_checkpoint, read_tensor
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -58,6 +58,46 @@ def _swiglu(prefix, names, scope, target, H, I, lead=()):
     ]
 
 
+def _rope_rows(cfg: MoEConfig, lead: int, heads: int) -> np.ndarray | None:
+    """Row order that moves each head's rope dims (the last head_dim of every lead + head_dim
+    rows) from interleaved pairs (0, 1), (2, 3), ... to HF's half split (0, 2, ..., 1, 3, ...);
+    None if the checkpoint is not interleaved. Applied to the rows that make q and the rope
+    key alike, it leaves every q . k unchanged."""
+    if not cfg.rope_interleave:
+        return None
+    Dr = cfg.head_dim
+    within = np.concatenate([np.arange(lead), lead + np.arange(0, Dr, 2), lead + np.arange(1, Dr, 2)])
+    return (np.arange(heads)[:, None] * (lead + Dr) + within).reshape(-1)
+
+
+def _linear_rows(key, scope, target, n_in, n_out, rows):
+    """nn.Linear weight [out, in], output rows reordered by `rows` (None: as is) -> [in, out]."""
+    if rows is None:
+        return _linear(key, scope, target, n_in, n_out)
+    return Source(key, (n_out, n_in), scope, target, (), lambda a, rows=rows: a[rows].T)
+
+
+def _mla_sources(cfg: MoEConfig, a: str, i: int) -> list[Source]:
+    H, Q, R, Ql = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    Dn, Dr, Dv = cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim
+    q_rows, kv_rows = _rope_rows(cfg, Dn, Q), _rope_rows(cfg, R, 1)
+    src = [
+        _linear_rows(f"{a}.kv_a_proj_with_mqa.weight", i, "wkv_a", H, R + Dr, kv_rows),
+        Source(f"{a}.kv_a_layernorm.weight", (R,), i, "kv_a_norm"),
+        _linear(f"{a}.kv_b_proj.weight", i, "wkv_b", R, Q * (Dn + Dv)),
+        _linear(f"{a}.o_proj.weight", i, "wo", Q * Dv, H),
+    ]
+    if Ql:
+        src += [
+            _linear(f"{a}.q_a_proj.weight", i, "wq_a", H, Ql),
+            Source(f"{a}.q_a_layernorm.weight", (Ql,), i, "q_a_norm"),
+            _linear_rows(f"{a}.q_b_proj.weight", i, "wq", Ql, Q * (Dn + Dr), q_rows),
+        ]
+    else:
+        src.append(_linear_rows(f"{a}.q_proj.weight", i, "wq", H, Q * (Dn + Dr), q_rows))
+    return src
+
+
 def source_table(cfg: MoEConfig, fused: bool) -> dict[str, Source]:
     """Every tensor the HF checkpoint must contain, by key."""
     H, V, D = cfg.hidden_size, cfg.vocab_size, cfg.head_dim
@@ -77,11 +117,16 @@ def source_table(cfg: MoEConfig, fused: bool) -> dict[str, Source]:
         src += [
             Source(f"{p}.input_layernorm.weight", (H,), i, "attn_norm"),
             Source(f"{p}.post_attention_layernorm.weight", (H,), i, "mlp_norm"),
-            _linear(f"{a}.q_proj.weight", i, "wq", H, q),
-            _linear(f"{a}.k_proj.weight", i, "wk", H, kv),
-            _linear(f"{a}.v_proj.weight", i, "wv", H, kv),
-            _linear(f"{a}.o_proj.weight", i, "wo", q, H),
         ]
+        if cfg.attention == "mla":
+            src += _mla_sources(cfg, a, i)
+        else:
+            src += [
+                _linear(f"{a}.q_proj.weight", i, "wq", H, q),
+                _linear(f"{a}.k_proj.weight", i, "wk", H, kv),
+                _linear(f"{a}.v_proj.weight", i, "wv", H, kv),
+                _linear(f"{a}.o_proj.weight", i, "wo", q, H),
+            ]
         if cfg.qkv_bias:
             src += [Source(f"{a}.{n}_proj.bias", (s,), i, f"b{n}") for n, s in (("q", q), ("k", kv), ("v", kv))]
         if cfg.o_bias:
@@ -94,6 +139,8 @@ def source_table(cfg: MoEConfig, fused: bool) -> dict[str, Source]:
             continue
         block = f"{p}.mlp" if fused else f"{p}.{names.block}"
         src.append(_linear(f"{block}.gate.weight", i, "router", H, E))
+        if cfg.topk_method == "noaux_tc":
+            src.append(Source(f"{block}.gate.e_score_correction_bias", (E,), i, "router_bias"))
         if fused:
             # gate_up_proj [E, 2I, H] (gate rows first) -> experts[:, 0:2] = [E, 2, H, I]
             src.append(Source(f"{block}.experts.gate_up_proj", (E, 2 * I, H), i, "experts",
@@ -105,7 +152,7 @@ def source_table(cfg: MoEConfig, fused: bool) -> dict[str, Source]:
             for e in range(E):
                 src += _swiglu(f"{block}.experts.{e}", gate_up_down, i, "experts", H, I, lead=(e,))
         if cfg.shared_intermediate_size:
-            src += _swiglu(f"{block}.shared_expert", hf_mlp, i, "shared", H, cfg.shared_intermediate_size)
+            src += _swiglu(f"{block}.{names.shared}", hf_mlp, i, "shared", H, cfg.shared_intermediate_size)
             if cfg.shared_expert_gate:
                 src.append(_linear(f"{block}.shared_expert_gate.weight", i, "shared_gate", H, 1))
     return {s.key: s for s in src}
@@ -116,6 +163,9 @@ def check_tensors(table: dict[str, Source], tensors: dict[str, TensorInfo], cfg:
     extra = set(tensors) - set(table)
     if cfg.tie_word_embeddings:
         extra.discard("lm_head.weight")  # some writers keep the tied copy; it is the embedding
+    ignored = getattr(families.get(cfg.model_type), "ignored", None)
+    if ignored is not None:  # tensors a family knows and does not use (e.g. deepseek_v3's MTP layers)
+        extra = {k for k in extra if not ignored(k, cfg)}
     if extra:
         raise ConversionError(f"unknown tensor {sorted(extra)[0]} ({len(extra)} unknown in all)")
     missing = set(table) - set(tensors)
@@ -127,13 +177,13 @@ def check_tensors(table: dict[str, Source], tensors: dict[str, TensorInfo], cfg:
 
 
 def _assemble(sources: list[Source], shapes: dict, tensors: dict[str, TensorInfo], dtype) -> dict[str, np.ndarray]:
-    out = {name: np.empty(shape, dtype) for name, shape in shapes.items()}
+    out = {name: np.empty(shape, dtype_of(name, dtype)) for name, shape in shapes.items()}
     for s in sources:
         value = s.transform(read_tensor(tensors[s.key]))
         if s.index:
             out[s.target][s.index] = value
         else:
-            out[s.target] = np.ascontiguousarray(value, dtype=dtype)
+            out[s.target] = np.ascontiguousarray(value, dtype=dtype_of(s.target, dtype))
     return out
 
 

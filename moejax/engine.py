@@ -32,7 +32,7 @@ from moejax.generate import Generation, generation_loop, sample
 from moejax.metrics import Telemetry
 from moejax.model import layers as L
 from moejax.model import moe
-from moejax.model.decoder import Decoder, empty_cache
+from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload.budget import BudgetPlan, plan_budget
 from moejax.offload.cache import ExpertPool
 from moejax.offload.importance import classify, gate_weights, substitute
@@ -43,8 +43,7 @@ from moejax.offload.store import HostExpertStore, Link, Transfer
 
 def _rope(cfg, x, pos):
     B, T, _ = x.shape
-    positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
-    return L.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+    return rope(cfg, pos, T, B, x.dtype)
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
@@ -55,18 +54,18 @@ def _dense_layer(graphdef, state, x, kv, pos):
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def _attn_route(graphdef, state, x, kv, pos, next_router):
-    """x [B, T, H] -> x after attention, h [N, H], dense/shared output [N, H], probs [N, E],
-    top-k weights and ids [N, k], predicted next-layer ids [N, k] (or None), new kv."""
+    """x [B, T, H] -> x after attention, h [N, H], dense/shared output [N, H], router scores
+    [N, E], top-k weights and ids [N, k], predicted next-layer ids [N, k] (or None), new kv.
+    next_router: (router, bias or None) of the next MoE layer, applied to this layer's h."""
     layer = nnx.merge(graphdef, state)
     cfg = layer.cfg
     B, T, H = x.shape
     a, kv = layer.attention(x, kv, pos, *_rope(cfg, x, pos))
     x = x + a
     h = layer.mlp_input(x.reshape(B * T, H))
-    probs = layer.route(h)
-    weights, idx = moe.top_k(probs, cfg.top_k, cfg.norm_topk_prob)
-    pred = None if next_router is None else moe.top_k(moe.router_probs(h, next_router), cfg.top_k, False)[1]
-    return x, h, layer.dense_output(h), probs, weights, idx, pred, kv
+    scores, weights, idx = layer.route(h)
+    pred = None if next_router is None else moe.route(cfg, h, *next_router)[2]
+    return x, h, layer.dense_output(h), scores, weights, idx, pred, kv
 
 
 @jax.jit
@@ -76,13 +75,15 @@ def _moe_out(x, h, dense, pool, slots, weights):
     return x + out.reshape(x.shape)
 
 
-@partial(jax.jit, static_argnums=(8,))
-def _predict_next(x, h, dense, pool, slots, weights, next_norm, next_router, eps):
-    """PAPER.md 4: the next layer's router probabilities [N, E] from an approximate hidden
-    state: residual + shared/dense output + the output of the experts already on the device
-    (weights of the others are 0), through the next layer's norm (attention skipped)."""
+@partial(jax.jit, static_argnums=(0,))
+def _predict_next(cfg, x, h, dense, pool, slots, weights, next_norm, next_router, next_bias):
+    """PAPER.md 4: the next layer's routing from an approximate hidden state: residual +
+    shared/dense output + the output of the experts already on the device (weights of the
+    others are 0), through the next layer's norm (attention skipped).
+    -> (importance [N, E], predicted expert ids [N, k])."""
     approx = x.reshape(h.shape) + dense + moe.experts_indexed(h, pool, slots, weights)
-    return moe.router_probs(L.rms_norm(approx, next_norm, eps), next_router)
+    scores, _, idx = moe.route(cfg, L.rms_norm(approx, next_norm, cfg.rms_norm_eps), next_router, next_bias)
+    return moe.importance(scores, cfg.router), idx
 
 
 @jax.jit
@@ -245,6 +246,11 @@ class OffloadEngine:
                 dropped = True
         return dropped
 
+    def _router(self, layer: int):
+        """(router weight, selection bias or None) of a MoE layer."""
+        m = self.module.layers[layer]
+        return m.router[...], None if m.router_bias is None else m.router_bias[...]
+
     def _candidates(self, layer: int):
         return self.pool.keys_in_range(layer), sum(k is None for k in
                                                    (self.pool.key_of[s] for s in self.pool.slot_range(layer)))
@@ -255,10 +261,11 @@ class OffloadEngine:
         cfg, pol = self.config, self.policy
         nxt = self._next_moe[i]
         gate = pol.prefetch == "next-layer-gate" and nxt is not None
-        next_router = self.module.layers[nxt].router[...] if gate else None
-        x, h, dense, probs, weights, idx, pred, self.kv[i] = _attn_route(gd, st, x, self.kv[i], pos, next_router)
+        next_router = self._router(nxt) if gate else None
+        x, h, dense, scores, weights, idx, pred, self.kv[i] = _attn_route(gd, st, x, self.kv[i], pos, next_router)
         idx_h, weights_h = np.asarray(idx), np.asarray(weights)  # [N, k]: the layer's device -> host reads
-        probs_h = np.asarray(probs) if (pol.needs_probs or self.recorder) else None  # [N, E]
+        scores_h = np.asarray(scores) if (pol.needs_probs or self.recorder) else None  # [N, E]
+        probs_h = None if scores_h is None else moe.importance(scores_h, cfg.router)
         if self.recorder is not None:
             self.recorder.on_decode(i, idx_h, probs_h)
         t0 = time.perf_counter()
@@ -267,7 +274,7 @@ class OffloadEngine:
         if pol.substitute and pol.alpha > 0:
             experts, changed = substitute(probs_h, idx_h, pol.alpha, resident, pol.mode, self.similarity.get(i))
             if changed.any():
-                weights_h = gate_weights(probs_h, experts, cfg.norm_topk_prob)
+                weights_h = gate_weights(scores_h, experts, cfg.norm_topk_prob, cfg.routed_scaling_factor)
                 self.t.substituted += int(changed.sum())
         if pol.prefetch and self._drop_stale_prefetches(i, set(experts.reshape(-1).tolist())):
             resident, pending = self._landed(i)
@@ -279,9 +286,8 @@ class OffloadEngine:
         if pol.prefetch == "top-score" and nxt is not None:  # predict before the fetches land
             hit = np.isin(experts, plan.hits)
             slots = np.where(hit, self.pool.table[i][experts], 0)
-            nl = self.module.layers[nxt]
-            pred_probs = _predict_next(x, h, dense, self.pool.array, slots, np.where(hit, weights_h, 0.0),
-                                       nl.mlp_norm[...], nl.router[...], cfg.rms_norm_eps)
+            pred_probs = _predict_next(cfg, x, h, dense, self.pool.array, slots, np.where(hit, weights_h, 0.0),
+                                       self.module.layers[nxt].mlp_norm[...], *self._router(nxt))
         for key in plan.evict:
             self._evict(key)
         for e in plan.fetch:
@@ -300,11 +306,10 @@ class OffloadEngine:
             for key in used:
                 self._evict(key)
         if pol.prefetch and nxt is not None:
-            pred_h = np.asarray(pred_probs if pol.prefetch == "top-score" else pred)  # waits for the device
+            pred_h = jax.device_get(pred_probs if pol.prefetch == "top-score" else pred)  # waits for the device
             t0 = time.perf_counter()  # scheduling work only, not the wait above
             if pol.prefetch == "top-score":
-                pred_probs = pred_h
-                pred_idx = np.argsort(-pred_probs, axis=-1, kind="stable")[:, : cfg.top_k]
+                pred_probs, pred_idx = pred_h
                 _, top = classify(pred_probs, pred_idx, pol.alpha)
                 predicted = pred_idx[top]
             else:

@@ -30,6 +30,13 @@ SIZES = {
     "qwen3_moe": dict(intermediate_size=128, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4,
                       norm_topk_prob=True),
     "olmoe": dict(intermediate_size=32, num_experts=16, num_experts_per_tok=4),
+    "deepseek_v2": dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16, n_shared_experts=2,
+                        num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_key_value_heads=4),
+    "deepseek_v3": dict(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16, n_shared_experts=1,
+                        num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2,
+                        num_key_value_heads=4),
 }
 
 
@@ -52,9 +59,10 @@ def make(out: Path, family: str, layers: int, hidden: int, seed: int) -> None:
     tok = train_tokenizer(512)
     vocab = tok.get_vocab_size()
     eos = tok.token_to_id("<|endoftext|>")
-    config = AutoConfig.for_model(family, vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                  bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=False, **SIZES[family])
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=eos, eos_token_id=eos,
+                  tie_word_embeddings=False)
+    config = AutoConfig.for_model(family, **{**common, **SIZES[family]})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)

@@ -16,10 +16,10 @@ def tiny_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     made = {}
 
-    def get(name, config, seed=0, fused=False):
+    def get(name, config, seed=0, fused=False, builder=save_hf):
         if name not in made:
             hf_dir = root / f"{name}-hf"
-            torch_model = save_hf(hf_dir, config, seed=seed, fused=fused)
+            torch_model = builder(hf_dir, config, seed=seed, fused=fused)
             out = root / f"{name}-mj"
             convert(hf_dir, out, progress=False)
             made[name] = (hf_dir, out, torch_model)

@@ -42,10 +42,12 @@ def test_json_round_trip():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model_type", "deepseek_v3", "model_type='deepseek_v3' is not supported"),
+    ("model_type", "gpt_oss", "model_type='gpt_oss' is not supported"),
     ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4}, "rope_scaling="),
-    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope_type='linear'"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4}, "yarn rope needs original_max_position_embeddings"),
+    ("rope_scaling", {"type": "dynamic", "factor": 4}, "rope type 'dynamic' is not supported"),
+    ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "rope type 'linear'"),
+    ("quantization_config", {"quant_method": "gptq"}, "quant_method='gptq'"),
     ("use_sliding_window", True, "use_sliding_window=True"),
     ("num_hidden_layers", None, "num_hidden_layers is missing"),
     ("num_experts_per_tok", 99, "num_experts_per_tok=99"),

@@ -21,7 +21,17 @@ P = _probs([0.30, 0.21, 0.20, 0.15, 0.09, 0.03, 0.01, 0.01])
 
 
 def test_threshold_is_k_plus_first():
-    assert threshold_s(P, 2)[0] == pytest.approx(P[0, 2])
+    assert threshold_s(P, _topk(P, 2))[0] == pytest.approx(P[0, 2])
+
+
+def test_threshold_is_best_unselected_for_group_limited_routing():
+    """A group-limited router may skip expert 1 (another group); S is then p[1], not p[2]."""
+    idx = np.array([[0, 2]])
+    assert threshold_s(P, idx)[0] == pytest.approx(P[0, 1])
+    _, top = classify(P, idx, alpha=0.0)
+    assert top.tolist() == [[True, False]]  # p[2] < S: low-score even at alpha 0
+    out, changed = substitute(P, idx, 0.3, available={1, 3})
+    assert out.tolist() == [[0, 1]] and changed.tolist() == [[False, True]]  # best on-device in window
 
 
 def test_classification_at_window_edges():
@@ -109,6 +119,17 @@ def test_gate_weights_are_own_probabilities(renorm):
     w = gate_weights(P, experts, renorm)
     raw = P[0, [0, 3]]
     assert np.allclose(w, raw / raw.sum() if renorm else raw)
+    assert np.allclose(gate_weights(P, experts, renorm, scale=2.5), 2.5 * w)
+
+
+def test_sigmoid_importance_is_normalised_and_keeps_order():
+    from moejax.model.moe import importance
+
+    scores = np.array([[0.9, 0.2, 0.6, 0.95]], np.float32)  # independent sigmoids, sum 2.65
+    p = importance(scores, "sigmoid")
+    assert p.sum() == pytest.approx(1.0) and np.argsort(p[0]).tolist() == np.argsort(scores[0]).tolist()
+    assert p[0, 3] == pytest.approx(0.95 / 2.65)
+    assert importance(scores, "softmax") is scores  # a softmax is a distribution already
 
 
 def test_score_eviction_mean_over_window_all_experts():

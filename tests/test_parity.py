@@ -19,7 +19,25 @@ from moejax.model.decoder import empty_cache  # noqa: E402
 from tiny import hf_config  # noqa: E402
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+MLA_FAMILIES = ["deepseek_v2", "deepseek_v3"]
 CASES = [(f, seed, layout, {}) for f in FAMILIES for seed in (0, 1) for layout in ("gqa", "mha")]
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64, beta_fast=32,
+            beta_slow=1, mscale=0.707, mscale_all_dim=0.707)
+# Multi-head latent attention (always "mha": one latent for all heads). tiny.py's defaults:
+# deepseek_v2 without q LoRA, greedy top-k, routed_scaling_factor 1.5; deepseek_v3 with q
+# LoRA, sigmoid + correction bias, group-limited (2 of 4 groups), norm_topk_prob, scaling
+# 2.5, interleaved rope. Both have a dense first layer and a shared expert.
+MLA_CASES = [(f, seed, "mha", over) for seed in (0, 1) for f, over in (
+    ("deepseek_v2", {}),
+    ("deepseek_v2", dict(q_lora_rank=10, topk_method="group_limited_greedy", n_group=4, topk_group=2)),
+    ("deepseek_v3", {}),
+    ("deepseek_v3", dict(q_lora_rank=None, norm_topk_prob=False, rope_interleave=False, n_group=1, topk_group=1)),
+)] + [
+    ("deepseek_v2", 2, "mha", dict(rope_parameters=YARN, num_hidden_layers=3, n_shared_experts=2)),
+    ("deepseek_v3", 2, "mha", dict(rope_parameters={**YARN, "factor": 8.0, "mscale": 1.0, "mscale_all_dim": 0.8})),
+    ("qwen3_moe", 2, "gqa", dict(rope_parameters={k: YARN[k] for k in ("rope_type", "rope_theta", "factor",
+                                                                        "original_max_position_embeddings")})),
+]
 VARIANTS = [
     ("qwen2_moe", 2, "gqa", dict(norm_topk_prob=True)),
     ("qwen2_moe", 3, "gqa", dict(num_hidden_layers=3, mlp_only_layers=[1])),
@@ -43,8 +61,14 @@ def _name(family, seed, layout, over, fused=False):
 
 
 def _check(tiny_store, family, seed, layout, over, fused=False):
-    hf_dir, path, ref_model = tiny_store(_name(family, seed, layout, over, fused),
-                                         hf_config(family, layout, **over), seed=seed, fused=fused)
+    _, path, ref_model = tiny_store(_name(family, seed, layout, over, fused),
+                                    hf_config(family, layout, **over), seed=seed, fused=fused)
+    compare(path, ref_model, seed)
+
+
+def compare(path, ref_model, seed):
+    """Converted checkpoint at path against the PyTorch model it came from: full forward,
+    prefill + STEPS cached decode steps (teacher-forced), greedy generations."""
     model = moejax.load(path)
     V = model.config.vocab_size
     prompt = np.random.default_rng(seed).integers(0, V, (2, PROMPT_LEN))
@@ -84,13 +108,13 @@ def _check(tiny_store, family, seed, layout, over, fused=False):
     assert np.array_equal(np.array(g.tokens), hf_gen)
 
 
-@pytest.mark.parametrize("family,seed,layout,over", CASES + VARIANTS,
+@pytest.mark.parametrize("family,seed,layout,over", CASES + VARIANTS + MLA_CASES,
                          ids=lambda v: v if isinstance(v, str) else None)
 def test_parity_hub_layout(tiny_store, family, seed, layout, over):
     _check(tiny_store, family, seed, layout, over)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MLA_FAMILIES)
 def test_parity_fused_layout(tiny_store, family):
     """transformers 5's fused expert layout (save_original_format=False)."""
-    _check(tiny_store, family, 5, "gqa", {}, fused=True)
+    _check(tiny_store, family, 5, "mha" if family in MLA_FAMILIES else "gqa", {}, fused=True)

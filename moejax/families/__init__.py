@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from typing import Any
 
 from moejax.config import UnsupportedConfig
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek", "deepseek_v2", "deepseek_v3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,7 @@ class ExpertNames:
     gate: str
     up: str
     down: str
+    shared: str = "shared_expert"  # the shared expert's attribute inside the block
 
 
 def get(model_type: Any):
@@ -45,16 +47,14 @@ def common_fields(hf: dict) -> dict:
         if not isinstance(hf.get(field), int) or hf[field] <= 0:
             raise UnsupportedConfig(f"config.json field {field} is missing or not a positive integer")
     _reject(hf, "hidden_act", lambda v: v == "silu")
-    _reject(hf, "rope_scaling", lambda v: v is None or v.get("rope_type", v.get("type")) == "default")
     _reject(hf, "use_sliding_window", lambda v: not v)
     if hf.get("model_type") == "mixtral":
         _reject(hf, "sliding_window", lambda v: v is None)
     _reject(hf, "partial_rotary_factor", lambda v: v == 1.0)
-
-    rope = hf.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UnsupportedConfig(f"rope_parameters.rope_type={rope['rope_type']!r} is not supported")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise UnsupportedConfig(f"quantization_config (quant_method={method!r}) is not supported: "
+                                "convert a bfloat16 copy of the checkpoint")
 
     heads = hf["num_attention_heads"]
     kv_heads = hf.get("num_key_value_heads") or heads
@@ -69,13 +69,41 @@ def common_fields(hf: dict) -> dict:
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rope_theta=float(theta),
+        **rope_fields(hf),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos,
     )
+
+
+def rope_fields(hf: dict) -> dict:
+    """rope_theta and, for YaRN, the parameters transformers' `_compute_yarn_parameters`
+    reads (from transformers 5's `rope_parameters` or the hub's older `rope_scaling`)."""
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return dict(rope_theta=theta)
+    if kind != "yarn":
+        raise UnsupportedConfig(f"rope type {kind!r} is not supported (default, yarn)")
+    original = rope.get("original_max_position_embeddings")
+    if not original:
+        raise UnsupportedConfig("yarn rope needs original_max_position_embeddings")
+    factor = rope.get("factor") or hf.get("max_position_embeddings", 4096) / original
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    yarn = (float(factor), float(original), float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
+            float(bool(rope.get("truncate", True))), float(attention_factor))
+    # DeepSeek's MLA also scales its softmax by mscale(mscale_all_dim)^2
+    return dict(rope_theta=theta, rope_yarn=yarn, softmax_mscale=mscale(m_all) ** 2 if m_all else 1.0)
 
 
 def num_experts(hf: dict, default: int) -> int:

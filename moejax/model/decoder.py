@@ -6,8 +6,10 @@ that every offloaded path is tested against. A layer exposes its stages separate
 (`attention`, `route`, `mlp_output`) so the offloaded engine can stop between the router
 and the experts to plan transfers on the host.
 
-KV cache: per layer a pair (k, v) of [B, S, K, D] arrays, S static; `pos` is the absolute
-position of the first new token. All batch rows share positions (no ragged batches).
+KV cache: per layer a pair of [B, S, heads, dim] arrays, S static: keys and values, or for
+multi-head latent attention the latent and the rope key (`MoEConfig.kv_cache_shapes`);
+`pos` is the absolute position of the first new token. All batch rows share positions (no
+ragged batches).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from jax import lax
 from moejax.config import MoEConfig
 from moejax.model import layers as L
 from moejax.model import moe
-from moejax.model.params import global_shapes, layer_shapes
+from moejax.model.params import OPTIONAL, global_shapes, layer_shapes
 
 
 def _param(value):
@@ -40,17 +42,23 @@ class DecoderLayer(nnx.Module):
             names.discard("experts")
         if set(p) != names:
             raise ValueError(f"layer {index}: expected params {sorted(names)}, got {sorted(p)}")
-        for name in ("bq", "bk", "bv", "bo", "q_norm", "k_norm", "router", "experts", "shared", "shared_gate", "mlp"):
-            setattr(self, name, _param(p[name]) if name in p else None)  # optional params
-        for name in ("attn_norm", "mlp_norm", "wq", "wk", "wv", "wo"):
-            setattr(self, name, _param(p[name]))
+        for name, value in p.items():
+            setattr(self, name, _param(value))
+        for name in OPTIONAL:
+            if name not in p:
+                setattr(self, name, None)
 
     # ---- attention ----------------------------------------------------------------------
     def attention(self, x, kv, pos, cos, sin):
         """x [B, T, H] (pre-norm residual stream) -> attention output [B, T, H], new kv."""
+        h = L.rms_norm(x, self.attn_norm[...], self.cfg.rms_norm_eps)
+        if self.cfg.attention == "mla":
+            return self._latent_attention(h, kv, pos, cos, sin)
+        return self._gqa_attention(h, kv, pos, cos, sin)
+
+    def _gqa_attention(self, h, kv, pos, cos, sin):
         cfg = self.cfg
-        B, T, _ = x.shape
-        h = L.rms_norm(x, self.attn_norm[...], cfg.rms_norm_eps)
+        B, T, _ = h.shape
         q, k, v = h @ self.wq[...], h @ self.wk[...], h @ self.wv[...]  # [B, T, Q*D], [B, T, K*D] x2
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
@@ -74,14 +82,39 @@ class DecoderLayer(nnx.Module):
             out = out + self.bo[...]
         return out, (k_cache, v_cache)
 
+    def _latent_attention(self, h, kv, pos, cos, sin):
+        """DeepSeek-V2/V3 multi-head latent attention. The cache holds the normalised latent
+        [B, S, 1, R] and the rotated rope key [B, S, 1, Dr] (Dr = head_dim)."""
+        cfg = self.cfg
+        B, T, _ = h.shape
+        Dn, R = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+        if cfg.q_lora_rank:
+            h_q = L.rms_norm(h @ self.wq_a[...], self.q_a_norm[...], cfg.rms_norm_eps)  # [B, T, q_lora_rank]
+        else:
+            h_q = h
+        q = (h_q @ self.wq[...]).reshape(B, T, cfg.num_heads, Dn + cfg.head_dim)
+        q_nope, q_rope = q[..., :Dn], L.apply_rope(q[..., Dn:], cos, sin)
+        ckv = h @ self.wkv_a[...]  # [B, T, R + Dr]
+        latent = L.rms_norm(ckv[..., :R], self.kv_a_norm[...], cfg.rms_norm_eps)
+        k_rope = L.apply_rope(ckv[:, :, None, R:], cos, sin)  # [B, T, 1, Dr]
+        c_cache, r_cache = kv
+        c_cache = _write(c_cache, latent[:, :, None, :].astype(c_cache.dtype), pos)
+        r_cache = _write(r_cache, k_rope.astype(r_cache.dtype), pos)
+        w_kv = self.wkv_b[...].reshape(R, cfg.num_heads, Dn + cfg.v_head_dim)
+        out = L.attend_latent(q_nope, q_rope, c_cache[:, :, 0], r_cache[:, :, 0], w_kv, pos + jnp.arange(T),
+                              cfg.softmax_scale)
+        return out @ self.wo[...], (c_cache, r_cache)
+
     # ---- MLP stages ---------------------------------------------------------------------
     def mlp_input(self, x):
         """Residual stream [N, H] -> normalised MLP input [N, H]."""
         return L.rms_norm(x, self.mlp_norm[...], self.cfg.rms_norm_eps)
 
     def route(self, h):
-        """h [N, H] -> router probabilities over all experts, float32 [N, E]."""
-        return moe.router_probs(h, self.router[...])
+        """h [N, H] -> (router scores over all experts [N, E], top-k weights [N, k] float32,
+        top-k expert ids [N, k])."""
+        bias = None if self.router_bias is None else self.router_bias[...]
+        return moe.route(self.cfg, h, self.router[...], bias)
 
     def dense_output(self, h):
         """Everything in the MLP block that is not a routed expert: the dense MLP of a
@@ -104,9 +137,15 @@ class DecoderLayer(nnx.Module):
         h = self.mlp_input(flat)
         out = self.dense_output(h)
         if self.is_moe:
-            weights, idx = moe.top_k(self.route(h), self.cfg.top_k, self.cfg.norm_topk_prob)
+            _, weights, idx = self.route(h)
             out = out + moe.experts_resident(h, self.experts[...], idx, weights)
         return x + out.reshape(B, T, H), kv
+
+
+def rope(cfg: MoEConfig, pos, T: int, B: int, dtype):
+    """cos, sin [B, T, head_dim] for positions pos .. pos + T - 1."""
+    positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
+    return L.rope_cos_sin(positions, *L.rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_yarn), dtype)
 
 
 def _write(cache, new, pos):
@@ -127,14 +166,13 @@ class Decoder(nnx.Module):
 
     @property
     def dtype(self):
-        return self.embed.value.dtype
+        return self.embed[...].dtype
 
     def embed_tokens(self, tokens):
         return self.embed[...][tokens]  # [B, T, H]
 
     def rope(self, pos, T: int, B: int):
-        positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
-        return L.rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        return rope(self.cfg, pos, T, B, self.dtype)
 
     def logits(self, x):
         """Final norm + LM head: x [..., H] -> float32 logits [..., V]."""
@@ -157,11 +195,11 @@ class Decoder(nnx.Module):
 def empty_cache(cfg: MoEConfig, batch: int, length: int, dtype):
     """Zeros, committed to the device like every jit output, so that a fresh cache and one
     returned by a step hit the same compiled program."""
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
     dev = jax.devices()[0]
-    return tuple((jax.device_put(jnp.zeros(shape, dtype), dev), jax.device_put(jnp.zeros(shape, dtype), dev))
+    return tuple(tuple(jax.device_put(jnp.zeros((batch, length, *s), dtype), dev) for s in cfg.kv_cache_shapes)
                  for _ in range(cfg.num_layers))
 
 
 def cache_bytes(cfg: MoEConfig, batch: int, length: int, itemsize: int) -> int:
-    return 2 * cfg.num_layers * batch * length * cfg.num_kv_heads * cfg.head_dim * itemsize
+    per_position = sum(heads * dim for heads, dim in cfg.kv_cache_shapes)
+    return cfg.num_layers * batch * length * per_position * itemsize

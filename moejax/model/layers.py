@@ -6,8 +6,11 @@ Q query heads, K kv heads, G = Q // K, D head dim, I intermediate width.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def rms_norm(x, w, eps: float):
@@ -17,12 +20,36 @@ def rms_norm(x, w, eps: float):
     return w * y.astype(x.dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
-    """positions [B, T] -> cos, sin [B, T, D] (the two halves repeated, as in HF)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [D/2]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+def rope_frequencies(head_dim: int, theta: float, yarn: tuple = ()) -> tuple[np.ndarray, float]:
+    """-> (inverse frequencies [D/2] float32, scale of cos and sin), as transformers computes
+    them: plain RoPE, or YaRN when yarn = (factor, original_max_positions, beta_fast,
+    beta_slow, truncate, attention_factor) (see families.rope_fields)."""
+    dims = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    pos_freqs = np.float32(theta) ** dims  # [D/2]
+    if not yarn:
+        return (1.0 / pos_freqs).astype(np.float32), 1.0
+    factor, original, beta_fast, beta_slow, truncate, attention_factor = yarn
+
+    def dim_of(rotations):  # the dimension that turns `rotations` times over the original context
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by factor
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv.astype(np.float32), float(attention_factor)
+
+
+def rope_cos_sin(positions, inv_freq, scale: float, dtype):
+    """positions [B, T], inv_freq [D/2] -> cos, sin [B, T, D] (the two halves repeated, as in HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -40,14 +67,36 @@ def attend(q, k_cache, v_cache, q_pos):
     cache slots past the current position (stale or padding) never contribute.
     """
     B, T, Q, D = q.shape
-    S, K = k_cache.shape[1], k_cache.shape[2]
+    K = k_cache.shape[2]
     qg = q.reshape(B, T, K, Q // K, D)  # [B, T, K, G, D]
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache).astype(jnp.float32) * (D**-0.5)
-    visible = jnp.arange(S)[None, :] <= q_pos[:, None]  # [T, S]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    probs = _causal_softmax(scores, q_pos, v_cache.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache)  # [B, T, K, G, D]
     return out.reshape(B, T, Q * D)
+
+
+def _causal_softmax(scores, q_pos, dtype):
+    """scores [..., T, S] float32; a key at cache position s is visible to a query at
+    position p iff s <= p, so stale or padding cache slots never contribute."""
+    visible = jnp.arange(scores.shape[-1])[None, :] <= q_pos[:, None]  # [T, S]
+    return jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(dtype)
+
+
+def attend_latent(q_nope, q_rope, latent, k_rope, w_kv, q_pos, scale: float):
+    """Multi-head latent attention over a cache of latents, with the key and value
+    up-projections absorbed into the query and the output (never expanding the cache).
+
+    q_nope [B, T, Q, Dn], q_rope [B, T, Q, Dr]; latent [B, S, R] (normalised), k_rope [B, S, Dr]
+    (rotated, shared by all heads); w_kv [R, Q, Dn + Dv] (kv_b_proj) -> [B, T, Q * Dv].
+    Per head: key = latent @ w_k (+ k_rope), value = latent @ w_v, so
+    q . key = (q_nope @ w_k^T) . latent + q_rope . k_rope and out = (probs @ latent) @ w_v."""
+    B, T, Q, Dn = q_nope.shape
+    q_lat = jnp.einsum("btqd,rqd->btqr", q_nope, w_kv[..., :Dn])  # [B, T, Q, R]
+    scores = jnp.einsum("btqr,bsr->bqts", q_lat, latent) + jnp.einsum("btqd,bsd->bqts", q_rope, k_rope)
+    probs = _causal_softmax(scores.astype(jnp.float32) * scale, q_pos, latent.dtype)  # [B, Q, T, S]
+    out_lat = jnp.einsum("bqts,bsr->btqr", probs, latent)  # [B, T, Q, R]
+    out = jnp.einsum("btqr,rqd->btqd", out_lat, w_kv[..., Dn:])  # [B, T, Q, Dv]
+    return out.reshape(B, T, -1)
 
 
 def swiglu(x, w):

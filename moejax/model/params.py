@@ -16,6 +16,12 @@ from moejax.config import MoEConfig
 
 Shapes = dict[str, tuple[int, ...]]
 
+# Parameters that only some configurations have (DecoderLayer sets the absent ones to None).
+OPTIONAL = ("wk", "wv", "bq", "bk", "bv", "bo", "q_norm", "k_norm", "wq_a", "q_a_norm", "wkv_a", "kv_a_norm",
+            "wkv_b", "router", "router_bias", "experts", "shared", "shared_gate", "mlp")
+# Kept in float32 whatever the checkpoint dtype: a selection bias added to float32 scores.
+F32_PARAMS = ("router_bias",)
+
 
 def global_shapes(cfg: MoEConfig) -> Shapes:
     s = {"embed": (cfg.vocab_size, cfg.hidden_size), "final_norm": (cfg.hidden_size,)}
@@ -24,17 +30,27 @@ def global_shapes(cfg: MoEConfig) -> Shapes:
     return s
 
 
+def _mla_shapes(cfg: MoEConfig) -> Shapes:
+    """Multi-head latent attention: q [H or q_lora_rank -> Q*(Dn+Dr)], kv_a [H -> R+Dr],
+    kv_b [R -> Q*(Dn+Dv)], o [Q*Dv -> H]."""
+    H, Q, R, Ql = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    Dn, Dr, Dv = cfg.qk_nope_head_dim, cfg.head_dim, cfg.v_head_dim
+    s: Shapes = {"wkv_a": (H, R + Dr), "kv_a_norm": (R,), "wkv_b": (R, Q * (Dn + Dv)), "wo": (Q * Dv, H)}
+    if Ql:
+        s.update(wq_a=(H, Ql), q_a_norm=(Ql,), wq=(Ql, Q * (Dn + Dr)))
+    else:
+        s["wq"] = (H, Q * (Dn + Dr))
+    return s
+
+
 def layer_shapes(cfg: MoEConfig, layer: int) -> Shapes:
     H, D = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_heads * D, cfg.num_kv_heads * D
-    s: Shapes = {
-        "attn_norm": (H,),
-        "mlp_norm": (H,),
-        "wq": (H, q),
-        "wk": (H, kv),
-        "wv": (H, kv),
-        "wo": (q, H),
-    }
+    s: Shapes = {"attn_norm": (H,), "mlp_norm": (H,)}
+    if cfg.attention == "mla":
+        s.update(_mla_shapes(cfg))
+    else:
+        s.update(wq=(H, q), wk=(H, kv), wv=(H, kv), wo=(q, H))
     if cfg.qkv_bias:
         s.update(bq=(q,), bk=(kv,), bv=(kv,))
     if cfg.o_bias:
@@ -45,6 +61,8 @@ def layer_shapes(cfg: MoEConfig, layer: int) -> Shapes:
         s.update(q_norm=(q,), k_norm=(kv,))
     if cfg.moe_layers[layer]:
         s["router"] = (H, cfg.num_experts)
+        if cfg.topk_method == "noaux_tc":
+            s["router_bias"] = (cfg.num_experts,)
         s["experts"] = (cfg.num_experts, *cfg.expert_shape)  # [E, 3, H, I]
         if cfg.shared_intermediate_size:
             s["shared"] = (3, H, cfg.shared_intermediate_size)
@@ -55,8 +73,12 @@ def layer_shapes(cfg: MoEConfig, layer: int) -> Shapes:
     return s
 
 
+def dtype_of(name: str, dtype):
+    return np.dtype(np.float32) if name in F32_PARAMS else np.dtype(dtype)
+
+
 def nbytes(shapes: Shapes, itemsize: int) -> int:
-    return sum(math.prod(v) for v in shapes.values()) * itemsize
+    return sum(math.prod(v) * (4 if k in F32_PARAMS else itemsize) for k, v in shapes.items())
 
 
 def random_params(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> tuple[dict, list[dict]]:
@@ -66,7 +88,7 @@ def random_params(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> tuple[dict
     def make(name, shape):
         if name.endswith("norm"):
             return np.ones(shape, dtype)
-        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dtype)
+        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dtype_of(name, dtype))
 
     glob = {k: make(k, v) for k, v in global_shapes(cfg).items()}
     layers = [{k: make(k, v) for k, v in layer_shapes(cfg, i).items()} for i in range(cfg.num_layers)]

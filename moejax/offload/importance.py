@@ -1,7 +1,9 @@
 """Importance-driven substitution (PAPER.md sections 1-2), as pure functions on host arrays.
 
-Per token and MoE layer, with p = router probabilities over ALL routed experts and S the
-(k+1)-th highest probability (the best expert that was not selected):
+Per token and MoE layer, with p = router probabilities over ALL routed experts
+(`moe.importance`: the softmax, or sigmoid scores normalised by their sum) and S the
+probability of the best expert that was not selected (the (k+1)-th highest for a plain
+top-k router; group-limited routers may leave a better one out):
   * a selected expert is top-score if p >= (1 + alpha) * S, else low-score;
   * top-score experts are always computed as routed;
   * a low-score expert that is on the device, or is some batch token's top-score expert
@@ -23,14 +25,17 @@ import numpy as np
 MODES = ("window", "similarity", "hybrid")
 
 
-def threshold_s(probs: np.ndarray, k: int) -> np.ndarray:
-    """probs [N, E] -> S [N], the (k+1)-th highest probability of each token."""
-    return -np.partition(-probs, k, axis=-1)[:, k]
+def threshold_s(probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """probs [N, E], selected idx [N, k] -> S [N], the highest probability of an expert
+    each token did not select."""
+    unselected = probs.copy()
+    np.put_along_axis(unselected, idx, -np.inf, axis=-1)
+    return unselected.max(axis=-1)
 
 
 def classify(probs: np.ndarray, idx: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """-> (S [N], top-score mask [N, k]) for the selected experts idx [N, k]."""
-    S = threshold_s(probs, idx.shape[1])
+    S = threshold_s(probs, idx)
     p_sel = np.take_along_axis(probs, idx, axis=-1)
     return S, p_sel >= (1.0 + alpha) * S[:, None]
 
@@ -72,8 +77,11 @@ def substitute(probs: np.ndarray, idx: np.ndarray, alpha: float, available: set[
     return out, changed
 
 
-def gate_weights(probs: np.ndarray, experts: np.ndarray, renormalise: bool) -> np.ndarray:
-    """Weights of the computed experts: each one's own router probability (a substitute's
-    too), renormalised over the k computed experts where the family does (PAPER.md 2)."""
-    w = np.take_along_axis(probs, experts, axis=-1).astype(np.float32)
-    return w / w.sum(axis=-1, keepdims=True) if renormalise else w
+def gate_weights(scores: np.ndarray, experts: np.ndarray, renormalise: bool, scale: float = 1.0) -> np.ndarray:
+    """Weights of the computed experts, as the router would weigh them had it selected them
+    (PAPER.md 2): each one's own router score (a substitute's too), renormalised over the k
+    computed experts where the family does, times its routed_scaling_factor."""
+    w = np.take_along_axis(scores, experts, axis=-1).astype(np.float32)
+    if renormalise:
+        w = w / (w.sum(axis=-1, keepdims=True) + np.float32(1e-20))
+    return w * np.float32(scale)

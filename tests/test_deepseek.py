@@ -1,0 +1,165 @@
+"""DeepSeek families beyond the transformers parity cases in test_parity.py: the remote-code
+"deepseek" family against a reference wired from transformers parts, config mapping and
+rejections, conversion details, and the offloaded engine with every policy."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import moejax  # noqa: E402
+from moejax.config import MoEConfig  # noqa: E402
+from moejax.convert import convert  # noqa: E402
+from moejax.engine import OffloadEngine  # noqa: E402
+from moejax.errors import ConversionError, UnsupportedConfig  # noqa: E402
+from moejax.offload.policies import POLICIES  # noqa: E402
+from test_parity import compare  # noqa: E402
+from tiny import deepseek_config, hf_config, save_deepseek, save_hf  # noqa: E402
+
+
+# ---- deepseek (deepseek-moe-16b layout, remote code) ---------------------------------------
+@pytest.mark.parametrize("seed,over", [
+    (0, {}),
+    (1, dict(num_key_value_heads=2)),
+    (2, dict(num_hidden_layers=4, moe_layer_freq=2, n_shared_experts=1)),  # MoE at layer 2 only
+])
+def test_deepseek_remote_code_layout_parity(tiny_store, seed, over):
+    cfg = deepseek_config(**over)
+    _, path, ref = tiny_store(f"deepseek-{seed}", cfg, seed=seed, builder=save_deepseek)
+    model_cfg = moejax.load(path).config
+    expected = tuple(i >= cfg["first_k_dense_replace"] and i % cfg["moe_layer_freq"] == 0
+                     for i in range(cfg["num_hidden_layers"]))
+    assert model_cfg.moe_layers == expected
+    assert model_cfg.shared_intermediate_size == cfg["n_shared_experts"] * cfg["moe_intermediate_size"]
+    compare(path, ref, seed)
+
+
+def test_deepseek_norm_topk_prob_renormalises():
+    """norm_topk_prob (the reference block cannot): weights of the chosen k sum to 1."""
+    import jax.numpy as jnp
+
+    from moejax.model.moe import route
+
+    cfg = MoEConfig.from_hf(deepseek_config(norm_topk_prob=True))
+    w_router = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32)
+    scores, weights, idx = route(cfg, jnp.asarray(x), jnp.asarray(w_router))
+    probs = np.asarray(scores)
+    assert np.allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
+    top = np.sort(np.argsort(-probs, axis=-1)[:, :3], axis=-1)
+    assert np.array_equal(np.sort(np.asarray(idx), axis=-1), top)
+
+
+# ---- config mapping and rejections ---------------------------------------------------------
+def _hf(family, **over):
+    return hf_config(family, "mha", **over).to_dict()
+
+
+def test_config_mapping():
+    v2 = MoEConfig.from_hf(_hf("deepseek_v2", num_hidden_layers=4, first_k_dense_replace=2))
+    assert (v2.attention, v2.q_lora_rank, v2.kv_lora_rank, v2.head_dim, v2.num_kv_heads) == ("mla", 0, 12, 8, 4)
+    assert v2.moe_layers == (False, False, True, True) and v2.router == "softmax" and v2.router_fp32
+    assert (v2.routed_scaling_factor, v2.shared_intermediate_size, v2.rope_interleave) == (1.5, 16, True)
+    v3 = MoEConfig.from_hf(_hf("deepseek_v3"))
+    assert (v3.router, v3.topk_method, v3.n_group, v3.topk_group, v3.norm_topk_prob) == ("sigmoid", "noaux_tc", 4, 2, True)
+    assert v3.q_lora_rank == 10 and v3.routed_scaling_factor == 2.5
+    v1 = MoEConfig.from_hf(deepseek_config(moe_layer_freq=2, num_hidden_layers=5))
+    assert v1.moe_layers == (False, False, True, False, True) and v1.attention == "gqa"
+    assert MoEConfig.from_json(v3.to_json()) == v3
+
+
+@pytest.mark.parametrize("hf,message", [
+    (lambda: {**_hf("deepseek_v3"), "quantization_config": {"quant_method": "fp8", "fmt": "e4m3"}},
+     "quant_method='fp8'"),
+    (lambda: {**_hf("deepseek_v2"), "topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+    (lambda: {**_hf("deepseek_v3"), "scoring_func": "softmax"}, "scoring_func='softmax'"),
+    (lambda: {**_hf("deepseek_v2"), "attention_bias": True}, "attention_bias=True"),
+    (lambda: {**_hf("deepseek_v2"), "mlp_bias": True}, "mlp_bias=True"),
+    (lambda: {**_hf("deepseek_v3"), "n_group": 3}, "n_group=3"),
+    (lambda: {**_hf("deepseek_v3"), "n_group": 8, "topk_group": 4}, "groups need at least 2 experts"),
+    (lambda: {**_hf("deepseek_v2"), "rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "'linear'"),
+    (lambda: deepseek_config(n_routed_experts=None), "n_routed_experts"),
+    (lambda: deepseek_config(scoring_func="sigmoid"), "scoring_func='sigmoid'"),
+    (lambda: deepseek_config(rope_scaling={"type": "dynamic", "factor": 2.0}), "'dynamic'"),
+])
+def test_unsupported_variants_rejected_by_name(hf, message):
+    with pytest.raises(UnsupportedConfig, match=message.replace("(", r"\(").replace("[", r"\[")):
+        MoEConfig.from_hf(hf())
+
+
+# ---- conversion ----------------------------------------------------------------------------
+def test_v3_multi_token_prediction_layers_skipped(tmp_path):
+    """Real V3 checkpoints carry the MTP module as layer num_hidden_layers; it is not decoded."""
+    from safetensors.numpy import load_file, save_file
+
+    src = tmp_path / "hf"
+    save_hf(src, hf_config("deepseek_v3", "mha"), seed=0)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = np.zeros((32, 64), np.float32)
+    tensors["model.layers.2.enorm.weight"] = np.ones(32, np.float32)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    convert(src, tmp_path / "mj", progress=False)
+    tensors["model.layers.1.stray.weight"] = np.ones(3, np.float32)  # a real unknown key still fails
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match="unknown tensor model.layers.1.stray.weight"):
+        convert(src, tmp_path / "mj2", progress=False)
+
+
+def test_bf16_checkpoint_keeps_selection_bias_in_float32(tmp_path):
+    src = tmp_path / "hf"
+    save_hf(src, hf_config("deepseek_v3", "mha"), seed=0)
+    convert(src, tmp_path / "mj", dtype="bfloat16", progress=False)
+    model = moejax.load(tmp_path / "mj")
+    layer = model.module.layers[1]
+    assert layer.router_bias[...].dtype == np.float32 and layer.wq[...].dtype.name == "bfloat16"
+    meta = json.loads((tmp_path / "mj" / "moejax.json").read_text())
+    assert meta  # converted and loadable in bf16
+    assert np.isfinite(np.asarray(model.forward(np.arange(6)[None]))).all()
+
+
+# ---- the offloaded engine ------------------------------------------------------------------
+ENGINE_MODELS = {
+    "deepseek_v2": lambda: (hf_config("deepseek_v2", "mha", num_hidden_layers=3, topk_method="group_limited_greedy",
+                                      n_group=4, topk_group=2), save_hf),
+    "deepseek_v3": lambda: (hf_config("deepseek_v3", "mha", num_hidden_layers=3), save_hf),
+    "deepseek": lambda: (deepseek_config(), save_deepseek),
+}
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def engine_models(tiny_store):
+    out = {}
+    for name, make in ENGINE_MODELS.items():
+        config, builder = make()
+        _, path, _ = tiny_store(f"engine-{name}", config, seed=11, builder=builder)
+        out[name] = (path, moejax.load(path))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_MODELS))
+def test_every_policy_exact_at_alpha_zero_quarter_budget(engine_models, name):
+    path, model = engine_models[name]
+    assert len(model.config.moe_layer_ids) == 2  # prefetching policies have a next layer to predict
+    prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 7))
+    ref = model.generate(prompt, NEW)
+    for policy in POLICIES:
+        e = OffloadEngine(path, policy, ("pct", 0.25), cache_len=64, alpha=0.0)
+        g = e.generate(prompt, NEW)
+        assert g.tokens == ref.tokens, policy
+        assert e.t.substituted == 0 and e.t.peak_device_bytes <= e.plan.budget_bytes, policy
+        assert e.t.decode_unique > e.t.decode_hits, policy  # the quarter pool really missed
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_MODELS))
+def test_smoe_substitutes_within_budget(engine_models, name):
+    path, model = engine_models[name]
+    prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, 7))
+    e = OffloadEngine(path, "smoe", ("pct", 0.5), cache_len=64, alpha=0.5)
+    g = e.generate(prompt, NEW)
+    assert len(g.tokens[0]) == NEW and e.t.substituted > 0
+    assert e.t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
+    assert e.t.peak_device_bytes <= e.plan.budget_bytes
