@@ -1,6 +1,7 @@
 """Resident decode throughput: moejax against transformers' `generate`, side by side.
 
-Both run the same random qwen2_moe checkpoint in float32 on the CPU, greedy, batch 1:
+Both run the same random checkpoint (qwen2_moe, or with --family deepseek_v2 the same sizes
+with multi-head latent attention) in float32 on the CPU, greedy, batch 1:
 the HF model is saved with `save_pretrained`, converted with `moejax convert`, and each
 engine generates from the same prompt. Each engine reports every token to a callback (a
 transformers streamer; moejax's on_token), which stamps the time: decode tokens/s is the
@@ -8,6 +9,7 @@ number of tokens after the first divided by the time from the first token to the
 prefill is excluded. Trials alternate between the engines so that machine drift hits both. Writes JSON records and prints a markdown table.
 
     python scripts/bench_resident.py --json out/bench_resident.json
+    python scripts/bench_resident.py --family deepseek_v2 --sizes small --json out/bench_resident_mla.json
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ SIZES = {
 }
 
 
-def build(size: str, root: Path):
+def build(size: str, root: Path, family: str = "qwen2_moe"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     H, L, E, k, I, S, nh, kv, V = SIZES[size]
-    config = AutoConfig.for_model("qwen2_moe", vocab_size=V, hidden_size=H, num_hidden_layers=L,
-                                  num_attention_heads=nh, num_key_value_heads=kv, num_experts=E,
-                                  num_experts_per_tok=k, moe_intermediate_size=I,
-                                  shared_expert_intermediate_size=S, intermediate_size=S,
-                                  max_position_embeddings=1024)
+    common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=nh, num_experts_per_tok=k,
+                  moe_intermediate_size=I, intermediate_size=S, max_position_embeddings=1024)
+    if family == "qwen2_moe":
+        config = AutoConfig.for_model(family, **common, num_key_value_heads=kv, num_experts=E,
+                                      shared_expert_intermediate_size=S)
+    else:  # deepseek_v2: V2-Lite's proportions (latent = H / 4, head dims nope 2:1 rope), all layers sparse
+        D = H // nh
+        config = AutoConfig.for_model(family, **common, num_key_value_heads=nh, n_routed_experts=E,
+                                      n_shared_experts=S // I, first_k_dense_replace=0, q_lora_rank=None,
+                                      kv_lora_rank=H // 4, qk_nope_head_dim=D, qk_rope_head_dim=D // 2, v_head_dim=D)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(root / "hf")
@@ -51,6 +58,7 @@ def build(size: str, root: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="small,medium")
+    p.add_argument("--family", choices=["qwen2_moe", "deepseek_v2"], default="qwen2_moe")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--trials", type=int, default=3)
@@ -67,7 +75,7 @@ def main(argv=None) -> int:
     for size in a.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            hf_model, n_params = build(size, root)
+            hf_model, n_params = build(size, root, a.family)
             convert(root / "hf", root / "mj", progress=False)
             model = moejax.load(root / "mj")
             V = model.config.vocab_size
@@ -113,7 +121,7 @@ def main(argv=None) -> int:
                     outs[name] = toks
                 same_tokens = outs["transformers"] == outs["moejax"]
             rec = {
-                "size": size, "params": n_params, "config": dict(zip(
+                "size": size, "family": a.family, "params": n_params, "config": dict(zip(
                     ["hidden", "layers", "experts", "top_k", "expert_width", "shared_width", "heads", "kv_heads",
                      "vocab"], SIZES[size])),
                 "new_tokens": a.new_tokens, "prompt_len": a.prompt_len, "trials": a.trials,
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in records:
         t = r["tokens_per_s"]
-        print(f"| {r['size']} qwen2_moe | {r['params'] / 1e6:.1f} M | {t['transformers']:.1f} | {t['moejax']:.1f} | "
+        print(f"| {r['size']} {r['family']} | {r['params'] / 1e6:.1f} M | {t['transformers']:.1f} | {t['moejax']:.1f} | "
               f"{r['speedup']:.2f}x | {r['greedy_tokens_equal']} |")
     return 0
 

@@ -187,8 +187,8 @@ BAD = {
                        "model.safetensors: corrupt safetensors header"),
     "duplicate": (_duplicate_shard, "duplicate tensor"),
     "rope-scaling": (lambda s: (s / "config.json").write_text(json.dumps(
-        {**json.loads((s / "config.json").read_text()), "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})),
-        "rope_type='yarn' is not supported"),
+        {**json.loads((s / "config.json").read_text()), "rope_parameters": {"rope_type": "longrope", "factor": 4.0}})),
+        "rope type 'longrope' is not supported"),
     "sliding-window": (lambda s: (s / "config.json").write_text(json.dumps(
         {**json.loads((s / "config.json").read_text()), "sliding_window": 128})), "sliding_window=128 is not supported"),
 }

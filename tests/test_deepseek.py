@@ -163,3 +163,49 @@ def test_smoe_substitutes_within_budget(engine_models, name):
     assert len(g.tokens[0]) == NEW and e.t.substituted > 0
     assert e.t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
     assert e.t.peak_device_bytes <= e.plan.budget_bytes
+
+
+# ---- the released checkpoints' config.json files (as on the hub, abridged of auto_map) -----
+V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "aux_loss_alpha": 0.001,
+           "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+           "hidden_size": 2048, "intermediate_size": 10944, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+           "model_type": "deepseek_v2", "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1,
+           "n_routed_experts": 64, "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+           "num_experts_per_tok": 6, "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
+           "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+           "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                            "original_max_position_embeddings": 4096, "type": "yarn"},
+           "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+           "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+           "v_head_dim": 128, "vocab_size": 102400}
+V3 = {**V2_LITE, "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "bos_token_id": 0,
+      "eos_token_id": 1, "first_k_dense_replace": 3, "hidden_size": 7168, "intermediate_size": 18432,
+      "moe_intermediate_size": 2048, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1,
+      "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+      "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+      "rope_scaling": {**V2_LITE["rope_scaling"], "mscale": 1.0, "mscale_all_dim": 1.0},
+      "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_group": 4, "topk_method": "noaux_tc",
+      "vocab_size": 129280}
+MOE_16B = deepseek_config(bos_token_id=100000, eos_token_id=100001, hidden_size=2048, intermediate_size=10944,
+                          moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2, num_attention_heads=16,
+                          num_key_value_heads=16, num_experts_per_tok=6, num_hidden_layers=28, vocab_size=102400,
+                          max_position_embeddings=4096, torch_dtype="bfloat16")
+
+
+def test_released_configs_map():
+    import math
+
+    lite = MoEConfig.from_hf(V2_LITE)
+    mscale = 0.1 * 0.707 * math.log(40) + 1.0
+    assert lite.rope_yarn == (40.0, 4096.0, 32.0, 1.0, 1.0, 1.0)  # mscale == mscale_all_dim: cos/sin unscaled
+    assert lite.softmax_scale == pytest.approx(192 ** -0.5 * mscale ** 2)
+    assert lite.moe_layer_ids == tuple(range(1, 27)) and lite.shared_intermediate_size == 2816
+    assert lite.kv_cache_shapes == ((1, 512), (1, 64)) and lite.n_group == 1 and lite.top_k == 6
+    v3 = MoEConfig.from_hf(V3)
+    assert (v3.num_experts, v3.top_k, v3.n_group, v3.topk_group, v3.router) == (256, 8, 8, 4, "sigmoid")
+    assert v3.moe_layer_ids == tuple(range(3, 61)) and v3.q_lora_rank == 1536
+    with pytest.raises(UnsupportedConfig, match="quant_method='fp8'"):
+        MoEConfig.from_hf({**V3, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+    v1 = MoEConfig.from_hf(MOE_16B)
+    assert (v1.attention, v1.num_experts, v1.top_k, v1.shared_intermediate_size) == ("gqa", 64, 6, 2816)
+    assert v1.moe_layer_ids == tuple(range(1, 28)) and v1.eos_token_ids == (100001,)
