@@ -1,10 +1,11 @@
 """The MoE decoder as Flax NNX modules.
 
-One decoder serves every family; family quirks are `MoEConfig` flags (qkv bias, q/k norm
-kind, shared expert, dense layers). With all experts resident this is the reference model
-that every offloaded path is tested against. A layer exposes its stages separately
-(`attention`, `route`, `mlp_output`) so the offloaded engine can stop between the router
-and the experts to plan transfers on the host.
+One decoder serves every family; family quirks are `MoEConfig` flags (attention kind: GQA or
+DeepSeek's latent attention; qkv bias, q/k norm kind, shared expert, dense layers, router
+kind). With all experts resident this is the reference model that every offloaded path is
+tested against. A layer exposes its stages separately (`attention`, `mlp_input`, `route`,
+`dense_output`) so the offloaded engine can stop between the router and the experts to plan
+transfers on the host.
 
 KV cache: per layer a pair of [B, S, heads, dim] arrays, S static: keys and values, or for
 multi-head latent attention the latent and the rope key (`MoEConfig.kv_cache_shapes`);
