@@ -176,14 +176,14 @@ def check_tensors(table: dict[str, Source], tensors: dict[str, TensorInfo], cfg:
             raise ConversionError(f"tensor {key} has shape {list(tensors[key].shape)}, expected {list(s.shape)}")
 
 
-def _assemble(sources: list[Source], shapes: dict, tensors: dict[str, TensorInfo], dtype) -> dict[str, np.ndarray]:
-    out = {name: np.empty(shape, dtype_of(name, dtype)) for name, shape in shapes.items()}
+def _assemble(cfg: MoEConfig, sources: list[Source], shapes: dict, tensors: dict[str, TensorInfo], dtype) -> dict[str, np.ndarray]:
+    out = {name: np.empty(shape, dtype_of(cfg, name, dtype)) for name, shape in shapes.items()}
     for s in sources:
         value = s.transform(read_tensor(tensors[s.key]))
         if s.index:
             out[s.target][s.index] = value
         else:
-            out[s.target] = np.ascontiguousarray(value, dtype=dtype_of(s.target, dtype))
+            out[s.target] = np.ascontiguousarray(value, dtype=dtype_of(cfg, s.target, dtype))
     return out
 
 
@@ -224,10 +224,10 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: b
         scopes = [None, *range(cfg.num_layers)]
         for scope in tqdm(scopes, desc=f"convert {src.name}", unit="layer", disable=not progress):
             if scope is None:
-                tree = _assemble(by_scope[None], global_shapes(cfg), tensors, np_dtype)
+                tree = _assemble(cfg, by_scope[None], global_shapes(cfg), tensors, np_dtype)
                 checkpoint.save_item(tmp, "global", tree)
             else:
-                tree = _assemble(by_scope[scope], layer_shapes(cfg, scope), tensors, np_dtype)
+                tree = _assemble(cfg, by_scope[scope], layer_shapes(cfg, scope), tensors, np_dtype)
                 checkpoint.save_item(tmp, checkpoint.layer_name(scope), tree)
         shutil.copy(src / "config.json", tmp / "config.json")
         for name in checkpoint.TOKENIZER_FILES:

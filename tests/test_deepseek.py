@@ -2,8 +2,6 @@
 "deepseek" family against a reference wired from transformers parts, config mapping and
 rejections, conversion details, and the offloaded engine with every policy."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -108,16 +106,20 @@ def test_v3_multi_token_prediction_layers_skipped(tmp_path):
         convert(src, tmp_path / "mj2", progress=False)
 
 
-def test_bf16_checkpoint_keeps_selection_bias_in_float32(tmp_path):
+def test_bf16_checkpoint_keeps_router_and_selection_bias_in_float32(tmp_path):
+    """As transformers does (gate.weight is kept in float32); the budget counts them so."""
+    from moejax.offload.budget import dense_bytes
+
     src = tmp_path / "hf"
     save_hf(src, hf_config("deepseek_v3", "mha"), seed=0)
     convert(src, tmp_path / "mj", dtype="bfloat16", progress=False)
     model = moejax.load(tmp_path / "mj")
     layer = model.module.layers[1]
-    assert layer.router_bias[...].dtype == np.float32 and layer.wq[...].dtype.name == "bfloat16"
-    meta = json.loads((tmp_path / "mj" / "moejax.json").read_text())
-    assert meta  # converted and loadable in bf16
+    assert layer.router_bias[...].dtype == np.float32 and layer.router[...].dtype == np.float32
+    assert layer.wq[...].dtype.name == "bfloat16"
     assert np.isfinite(np.asarray(model.forward(np.arange(6)[None]))).all()
+    e = OffloadEngine(tmp_path / "mj", "lru", ("pct", 1.0), cache_len=16)
+    assert e._dense_bytes == dense_bytes(model.config, 2)
 
 
 # ---- the offloaded engine ------------------------------------------------------------------

@@ -19,8 +19,6 @@ Shapes = dict[str, tuple[int, ...]]
 # Parameters that only some configurations have (DecoderLayer sets the absent ones to None).
 OPTIONAL = ("wk", "wv", "bq", "bk", "bv", "bo", "q_norm", "k_norm", "wq_a", "q_a_norm", "wkv_a", "kv_a_norm",
             "wkv_b", "router", "router_bias", "experts", "shared", "shared_gate", "mlp")
-# Kept in float32 whatever the checkpoint dtype: a selection bias added to float32 scores.
-F32_PARAMS = ("router_bias",)
 
 
 def global_shapes(cfg: MoEConfig) -> Shapes:
@@ -73,12 +71,19 @@ def layer_shapes(cfg: MoEConfig, layer: int) -> Shapes:
     return s
 
 
-def dtype_of(name: str, dtype):
-    return np.dtype(np.float32) if name in F32_PARAMS else np.dtype(dtype)
+def keeps_f32(cfg: MoEConfig, name: str) -> bool:
+    """Parameters stored in float32 whatever the checkpoint dtype: the selection bias (added
+    to float32 scores), and the router where the family routes in float32 (transformers keeps
+    DeepSeek-V2/V3's `gate.weight` in float32: rounding it would move routing decisions)."""
+    return name == "router_bias" or (name == "router" and cfg.router_fp32)
 
 
-def nbytes(shapes: Shapes, itemsize: int) -> int:
-    return sum(math.prod(v) * (4 if k in F32_PARAMS else itemsize) for k, v in shapes.items())
+def dtype_of(cfg: MoEConfig, name: str, dtype) -> np.dtype:
+    return np.dtype(np.float32) if keeps_f32(cfg, name) else np.dtype(dtype)
+
+
+def nbytes(cfg: MoEConfig, shapes: Shapes, itemsize: int) -> int:
+    return sum(math.prod(v) * (4 if keeps_f32(cfg, k) else itemsize) for k, v in shapes.items())
 
 
 def random_params(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> tuple[dict, list[dict]]:
@@ -88,7 +93,7 @@ def random_params(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> tuple[dict
     def make(name, shape):
         if name.endswith("norm"):
             return np.ones(shape, dtype)
-        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dtype_of(name, dtype))
+        return (rng.standard_normal(shape, np.float32) * 0.02).astype(dtype_of(cfg, name, dtype))
 
     glob = {k: make(k, v) for k, v in global_shapes(cfg).items()}
     layers = [{k: make(k, v) for k, v in layer_shapes(cfg, i).items()} for i in range(cfg.num_layers)]

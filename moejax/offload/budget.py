@@ -63,11 +63,11 @@ class BudgetPlan:
 
 
 def dense_bytes(cfg: MoEConfig, itemsize: int) -> int:
-    total = nbytes(global_shapes(cfg), itemsize)
+    total = nbytes(cfg, global_shapes(cfg), itemsize)
     for i in range(cfg.num_layers):
         shapes = dict(layer_shapes(cfg, i))
         shapes.pop("experts", None)
-        total += nbytes(shapes, itemsize)
+        total += nbytes(cfg, shapes, itemsize)
     return total
 
 
