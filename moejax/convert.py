@@ -176,7 +176,8 @@ def check_tensors(table: dict[str, Source], tensors: dict[str, TensorInfo], cfg:
             raise ConversionError(f"tensor {key} has shape {list(tensors[key].shape)}, expected {list(s.shape)}")
 
 
-def _assemble(cfg: MoEConfig, sources: list[Source], shapes: dict, tensors: dict[str, TensorInfo], dtype) -> dict[str, np.ndarray]:
+def _assemble(cfg: MoEConfig, sources: list[Source], shapes: dict, tensors: dict[str, TensorInfo],
+              dtype) -> dict[str, np.ndarray]:
     out = {name: np.empty(shape, dtype_of(cfg, name, dtype)) for name, shape in shapes.items()}
     for s in sources:
         value = s.transform(read_tensor(tensors[s.key]))

@@ -1,8 +1,10 @@
 """One module per Hugging Face `model_type`.
 
 A family module states only what differs between families: how its config.json maps onto
-`MoEConfig`, and how its routed experts are named on disk (`EXPERTS`). Everything else
-(attention, routing, key tables) is shared and driven by config flags.
+`MoEConfig`, how its routed experts are named on disk (`EXPERTS`), and optionally which
+on-disk tensors it knows and does not use (`ignored(key, cfg)`, e.g. deepseek_v3's
+multi-token-prediction layers). Everything else (attention, routing, key tables) is shared
+and driven by config flags.
 """
 
 from __future__ import annotations

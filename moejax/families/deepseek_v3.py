@@ -1,4 +1,4 @@
-"""DeepSeek-V3 / R1 style checkpoints (and Kimi-K2, Moonlight, which share the layout).
+"""DeepSeek-V3 / R1 style checkpoints.
 
 Differs from deepseek_v2: sigmoid router scores; an `e_score_correction_bias` added to the
 scores only to choose experts ("noaux_tc"), groups ranked by the sum of their two best
