@@ -420,3 +420,23 @@ class OffloadEngine:
         g.warmup_s = warmup_s
         self.t.ttft_s, self.t.step_s = g.ttft_s, g.step_s
         return g
+
+
+ENGINES = ("fused", "stepwise")
+
+
+def make_engine(kind: str, path, policy: str = "lru", budget=None, **kw):
+    """The offloaded engine by name: "fused" (one XLA program per decode step, the default)
+    or "stepwise" (this module's Python-driven loop: emulated links, research hooks).
+    Keyword arguments are OffloadEngine's (batch, cache_len, alpha, substitute, similarity,
+    score_window, parts, link, per_layer); an emulated link needs the stepwise engine."""
+    if kind == "stepwise":
+        return OffloadEngine(path, policy, budget, **kw)
+    if kind != "fused":
+        raise ValueError(f"unknown engine {kind!r}")
+    link = kw.pop("link", None)
+    if link is not None and link.emulated:
+        raise ValueError("an emulated link runs on the stepwise engine")
+    from moejax.fused import FusedEngine
+
+    return FusedEngine(path, policy, budget, **kw)
