@@ -61,6 +61,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOEJAX_CACHE", Path.home() / ".cache" / "moejax"))
 
 
+def enable_compile_cache() -> Path | None:
+    """Keep compiled XLA programs in cache_dir() / "xla", so a later process reuses them
+    instead of compiling again. MOEJAX_NO_COMPILE_CACHE=1 leaves JAX's settings alone.
+    -> the directory, or None when turned off."""
+    import jax
+
+    if os.environ.get("MOEJAX_NO_COMPILE_CACHE", "0") not in ("", "0"):
+        return None
+    path = str(cache_dir() / "xla")
+    if jax.config.jax_compilation_cache_dir not in (None, path):
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()  # JAX opens its cache directory once per process
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return Path(path)
+
+
 def _converted_copy(src: Path) -> Path:
     """Convert an HF directory once into the cache, keyed by its path and file stamps."""
     from moejax.convert import convert

@@ -34,13 +34,14 @@ def prompt_tokens(tokenizer, vocab: int, batch: int, length: int, seed: int = 0)
 
 def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str], new_tokens: int = 32,
               prompt_len: int = 16, trials: int = 3, settings: dict | None = None,
-              progress: bool = True, parts=None) -> list[dict]:
+              progress: bool = True, parts=None, engine: str = "fused") -> list[dict]:
+    """engine: "fused" or "stepwise" (see moejax.engine.make_engine; an emulated link needs stepwise)."""
     from tqdm.auto import tqdm
 
     import moejax
     from moejax import checkpoint
     from moejax.api import load_tokenizer
-    from moejax.engine import OffloadEngine, load_parts
+    from moejax.engine import load_parts, make_engine
     from moejax.generate import cache_length
 
     cfg, _ = checkpoint.read_meta(path)
@@ -54,7 +55,8 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     for spec_text, spec in budgets:
         for batch in batches:
             prompt = prompt_tokens(tok, cfg.vocab_size, batch, prompt_len)
-            engines = {p: OffloadEngine(path, p, spec, batch=batch, cache_len=S, parts=parts, **(settings or {}))
+            engines = {p: make_engine(engine, path, p, spec, batch=batch, cache_len=S, parts=parts,
+                                      **(settings or {}))
                        for p in policies if p != "resident"}
             runs: dict[str, list] = {p: [] for p in policies}
             for trial in range(trials):
@@ -76,12 +78,14 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                 steps = len(gens[-1].step_s)
                 plan = engines[p].plan if p != "resident" else None
                 records.append({
-                    "policy": p, "batch": batch, "budget": spec_text,
+                    "policy": p, "engine": "none" if p == "resident" else engine, "batch": batch,
+                    "budget": spec_text,
                     "budget_bytes": plan.budget_bytes if plan else None,
                     "pool_slots": plan.pool_slots if plan else cfg.num_experts * len(cfg.moe_layer_ids),
                     "tpot_ms": statistics.median(g.tpot_ms for g in gens),
                     "tpot_ms_trials": [g.tpot_ms for g in gens],
                     "ttft_ms": statistics.median(1e3 * g.ttft_s for g in gens),
+                    "compile_s": gens[0].warmup_s,  # the first trial's warm-up compiles every stage
                     "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
                     "bytes_h2d_per_token": stats["bytes_h2d"] / steps if steps else 0.0,
                     "bytes_h2d_prefill": stats["bytes_h2d_prefill"],
@@ -157,15 +161,16 @@ def machine() -> dict:
 
 
 def markdown(records: list[dict]) -> str:
-    lines = ["| budget | batch | policy | pool slots | hit rate | subst. rate | MiB moved / token | TPOT ms | TTFT ms | "
-             "prefetch precision | sched µs (median/layer) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| budget | batch | policy | engine | pool slots | hit rate | subst. rate | MiB moved / token | TPOT ms | "
+             "TTFT ms | prefetch precision | sched µs (median/layer) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     links = sorted({r["link"] for r in records if r["link"] != "none"})
     if links:
         lines.insert(0, f"Link: {', '.join(links)}\n")
     for r in records:
         pp = "" if r["prefetch_precision"] != r["prefetch_precision"] else f"{r['prefetch_precision']:.2f}"
-        lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['pool_slots']} | {r['hit_rate']:.3f} | "
+        lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['engine']} | {r['pool_slots']} | "
+                     f"{r['hit_rate']:.3f} | "
                      f"{r['substitution_rate']:.3f} | {r['bytes_h2d_per_token'] / 2**20:.3f} | {r['tpot_ms']:.2f} | {r['ttft_ms']:.1f} | {pp} | "
                      f"{r['sched_us_median']:.0f} |")
     return "\n".join(lines)

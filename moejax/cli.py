@@ -1,7 +1,8 @@
 """`moejax convert|decode`: thin argparse front ends; heavy imports happen inside commands.
 
 Bad input (a `MoejaxError`, or a flag argparse rejects) prints one line `error: ...` on
-stderr and exits with code 2, never a traceback.
+stderr and exits with code 2, never a traceback. Commands that compile keep the compiled
+programs in $MOEJAX_CACHE/xla (`moejax.api.enable_compile_cache`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def engine_settings(args, path, cfg) -> dict:
     return dict(alpha=args.alpha, substitute=args.substitute, similarity=sim, score_window=args.score_window)
 
 
+def engine_kind(args) -> str:
+    """--engine, fused by default; an emulated --link runs the stepwise engine."""
+    link = getattr(args, "link", "real")
+    if link.startswith("emulated"):
+        if args.engine == "fused":
+            raise MoejaxError(f"--link {link} runs on the stepwise engine; "
+                              "pass --engine stepwise or leave --engine out")
+        return "stepwise"
+    return args.engine or "fused"
+
+
 def cmd_decode(args) -> None:
     import numpy as np
 
@@ -90,6 +102,7 @@ def cmd_decode(args) -> None:
     policy = args.policy or ("smoe" if spec else "resident")
     if policy not in ALL_NAMES:
         raise MoejaxError(f"--policy {policy!r} is not one of {', '.join(ALL_NAMES)}")
+    kind = "none" if policy == "resident" else engine_kind(args)  # resident: the model itself, no engine
     path = resolve(args.model or bundled_model())
     cfg, dtype = checkpoint.read_meta(path)
     tok = load_tokenizer(path)
@@ -112,13 +125,13 @@ def cmd_decode(args) -> None:
             raise MoejaxError(f"--policy resident keeps all {plan.total_experts} experts on the device "
                               f"({plan.budget_bytes / 2**20:.1f} MiB); raise --vram-budget or choose another policy")
     else:
-        from moejax.engine import OffloadEngine
+        from moejax.engine import make_engine
 
-        engine = OffloadEngine(path, policy, spec, batch=1, cache_len=S, **settings)
+        engine = make_engine(kind, path, policy, spec, batch=1, cache_len=S, **settings)
         plan = engine.plan
     subst = f", alpha {args.alpha:g}, substitute {args.substitute}" if policy in ("score-sub", "smoe") else ""
-    print(f"model {cfg.model_type} ({args.model or path}), {dtype}; policy {policy}{subst}; {plan.describe()}",
-          file=sys.stderr)
+    print(f"model {cfg.model_type} ({args.model or path}), {dtype}; policy {policy}{subst}; engine {kind}; "
+          f"{plan.describe()}", file=sys.stderr)
 
     shown = ""
     generated: list[int] = []
@@ -147,12 +160,14 @@ def cmd_decode(args) -> None:
     sys.stdout.write("\n")
     tokens = g.tokens[0]
     tps = 1e3 / g.tpot_ms if g.step_s else float("nan")
-    print(f"{len(tokens)} tokens | hit rate {stats['hit_rate']:.3f} | moved {stats['bytes_h2d'] / 2**20:.1f} MiB "
-          f"in {stats['transfers']} transfers | TTFT {stats['ttft_ms']:.1f} ms | TPOT {g.tpot_ms:.2f} ms "
-          f"({tps:.1f} tok/s) | compile {g.warmup_s:.1f} s", file=sys.stderr)
+    print(f"{len(tokens)} tokens | engine {kind} | hit rate {stats['hit_rate']:.3f} | "
+          f"moved {stats['bytes_h2d'] / 2**20:.1f} MiB in {stats['transfers']} transfers | "
+          f"TTFT {stats['ttft_ms']:.1f} ms | TPOT {g.tpot_ms:.2f} ms ({tps:.1f} tok/s) | compile {g.warmup_s:.1f} s",
+          file=sys.stderr)
     if args.json:
         write_json(args.json, {
             "tokens": tokens, "text": tok.decode(tokens), "prompt_tokens": len(prompt), "policy": policy,
+            "engine": kind,
             "alpha": args.alpha if subst else 0.0, "substitute": args.substitute if subst else None,
             "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots,
             "pool_share": plan.pool_share, **stats, "compile_s": g.warmup_s, "model": str(path),
@@ -184,6 +199,7 @@ def cmd_bench(args) -> None:
             raise MoejaxError(f"--policies: {p!r} is not one of {', '.join(ALL_NAMES)}")
     if args.trials < 1 or args.new_tokens < 2:
         raise MoejaxError("--trials must be >= 1 and --new-tokens >= 2")
+    kind = engine_kind(args)
     path = resolve(args.model or bundled_model())
     from moejax import checkpoint
 
@@ -195,12 +211,12 @@ def cmd_bench(args) -> None:
     from moejax.bench import h2d_bandwidth
 
     bw = None if link.emulated else h2d_bandwidth(parts)
-    print(f"link: {link.describe()}" + (f" (measured host -> device: {bw / 1e9:.2f} GB/s per expert fetch)"
-                                        if bw else ""), file=sys.stderr)
+    print(f"engine {kind}; link: {link.describe()}" + (f" (measured host -> device: {bw / 1e9:.2f} GB/s per "
+                                                       "expert fetch)" if bw else ""), file=sys.stderr)
     records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials,
-                        {**settings, "link": link}, parts=parts)
+                        {**settings, "link": link}, parts=parts, engine=kind)
     meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:]),
-            "link": link.describe(), "h2d_bytes_per_s": bw}
+            "engine": kind, "link": link.describe(), "h2d_bytes_per_s": bw}
     write_json(args.json, {"meta": meta, "records": records})
     table = markdown(records)
     print(table)
@@ -253,7 +269,7 @@ def cmd_calibrate(args) -> None:
 
 def cmd_eval_ppl(args) -> None:
     import moejax
-    from moejax.engine import OffloadEngine
+    from moejax.engine import make_engine
     from moejax.eval.ppl import evaluate
     from moejax.generate import cache_length
     from moejax.offload.budget import parse_budget
@@ -262,12 +278,13 @@ def cmd_eval_ppl(args) -> None:
     spec = parse_budget(args.vram_budget) if args.vram_budget else None
     if args.policy not in POLICIES:
         raise MoejaxError(f"--policy {args.policy!r} is not one of {', '.join(POLICIES)}")
+    kind = engine_kind(args)
     model = moejax.load(args.model or bundled_model())
     settings = engine_settings(args, model.path, model.config)
     tokens = read_text_tokens(args.text, model.tokenizer, args.prefix + 1)[: args.max_tokens]
-    engine = OffloadEngine(model.path, args.policy, spec, cache_len=cache_length(len(tokens), 0), **settings)
+    engine = make_engine(kind, model.path, args.policy, spec, cache_len=cache_length(len(tokens), 0), **settings)
     result = evaluate(model, engine, tokens, args.prefix, progress=True)
-    result.update(policy=args.policy, alpha=args.alpha, substitute=args.substitute,
+    result.update(engine=kind, policy=args.policy, alpha=args.alpha, substitute=args.substitute,
                   budget_bytes=engine.plan.budget_bytes, pool_slots=engine.plan.pool_slots)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     if args.json:
@@ -279,7 +296,7 @@ def cmd_trace_record(args) -> None:
 
     from moejax import checkpoint
     from moejax.api import load_tokenizer, resolve
-    from moejax.engine import OffloadEngine
+    from moejax.engine import make_engine
     from moejax.eval.trace import TraceRecorder
     from moejax.generate import cache_length
     from moejax.offload.budget import parse_budget
@@ -298,13 +315,13 @@ def cmd_trace_record(args) -> None:
         raise MoejaxError(f"{path} has no tokenizer.json")
     ids = tok.encode(args.prompt).ids
     spec = parse_budget(args.vram_budget) if args.vram_budget else None
-    engine = OffloadEngine(path, args.policy, spec, cache_len=cache_length(len(ids), args.max_new_tokens),
-                           **engine_settings(args, path, cfg))
+    engine = make_engine("stepwise", path, args.policy, spec, cache_len=cache_length(len(ids), args.max_new_tokens),
+                         **engine_settings(args, path, cfg))
     engine.recorder = TraceRecorder()
     engine.generate(np.array([ids]), args.max_new_tokens, stop_ids=cfg.eos_token_ids)
     engine.recorder.save(out, cfg, 1)
     print(f"recorded {len(engine.recorder.steps)} decode steps x {len(cfg.moe_layer_ids)} MoE layers to {out} "
-          f"(engine: policy {args.policy}, hit rate {engine.t.hit_rate:.3f})", file=sys.stderr)
+          f"(stepwise engine: policy {args.policy}, hit rate {engine.t.hit_rate:.3f})", file=sys.stderr)
 
 
 def cmd_replay(args) -> None:
@@ -344,7 +361,7 @@ def cmd_eval_sweep(args) -> None:
     import numpy as np
 
     import moejax
-    from moejax.engine import OffloadEngine, load_parts
+    from moejax.engine import load_parts, make_engine
     from moejax.eval.ppl import evaluate
     from moejax.generate import cache_length
     from moejax.offload.budget import parse_budget
@@ -357,6 +374,7 @@ def cmd_eval_sweep(args) -> None:
     if bad:
         raise MoejaxError(f"--alphas: {bad[0]} is not in [0, 1)")
     spec = parse_budget(args.vram_budget)
+    kind = engine_kind(args)
     model = moejax.load(args.model or bundled_model())
     args.alpha = 0.0
     settings = engine_settings(args, model.path, model.config)
@@ -367,25 +385,27 @@ def cmd_eval_sweep(args) -> None:
     rows = []
     for a in alphas:
         settings["alpha"] = a
-        e = OffloadEngine(model.path, args.policy, spec, cache_len=cache_length(len(tokens), args.new_tokens),
-                          parts=parts, link=link, **settings)
+        e = make_engine(kind, model.path, args.policy, spec, cache_len=cache_length(len(tokens), args.new_tokens),
+                        parts=parts, link=link, **settings)
         row = {"alpha": a, **evaluate(model, e, tokens, args.prefix)}
         e.reset()
         g = e.generate(prompt, args.new_tokens, warmup=True)
-        row.update(tpot_ms=g.tpot_ms, tpot_hit_rate=e.t.hit_rate, link=link.describe())
+        row.update(tpot_ms=g.tpot_ms, compile_s=g.warmup_s, tpot_hit_rate=e.t.hit_rate, engine=kind,
+                   link=link.describe())
         rows.append(row)
-        print(f"alpha {a:g}: ppl {row['ppl']:.3f} (resident {row['ppl_resident']:.3f}), top-1 "
+        print(f"{kind} engine, alpha {a:g}: ppl {row['ppl']:.3f} (resident {row['ppl_resident']:.3f}), top-1 "
               f"{row['top1_agreement']:.3f}, KL {row['kl']:.4f}, hit rate {row['hit_rate']:.3f}, "
-              f"TPOT {row['tpot_ms']:.2f} ms", file=sys.stderr)
-    table = ["| alpha | ppl | ppl change | top-1 agreement | KL | hit rate | subst. rate | TPOT ms |",
+              f"TPOT {row['tpot_ms']:.2f} ms, compile {g.warmup_s:.1f} s", file=sys.stderr)
+    table = [f"Engine: {kind}, {link.describe()}\n",
+             "| alpha | ppl | ppl change | top-1 agreement | KL | hit rate | subst. rate | TPOT ms |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['alpha']:g} | {r['ppl']:.3f} | {100 * (r['ppl'] / r['ppl_resident'] - 1):+.2f}% | "
                      f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {r['hit_rate']:.3f} | "
                      f"{r['substitution_rate']:.3f} | {r['tpot_ms']:.2f} |")
     print("\n".join(table))
-    meta = {"policy": args.policy, "budget": args.vram_budget, "substitute": args.substitute, "text": args.text,
-            "link": link.describe(), "command": "moejax " + " ".join(sys.argv[1:])}
+    meta = {"engine": kind, "policy": args.policy, "budget": args.vram_budget, "substitute": args.substitute,
+            "text": args.text, "link": link.describe(), "command": "moejax " + " ".join(sys.argv[1:])}
     if args.json:
         write_json(args.json, {"meta": meta, "rows": rows})
     if args.markdown:
@@ -393,7 +413,7 @@ def cmd_eval_sweep(args) -> None:
     if args.figure:
         from moejax.plots import alpha_sweep
 
-        alpha_sweep(rows, args.figure, f"{args.policy} at {args.vram_budget} ({link.describe()})")
+        alpha_sweep(rows, args.figure, f"{args.policy} at {args.vram_budget} ({kind} engine, {link.describe()})")
 
 
 def _link(args, parts):
@@ -407,7 +427,14 @@ def _link(args, parts):
     return parse_link(getattr(args, "link", "real"))
 
 
-def _engine_flags(p) -> None:
+def _engine_flags(p, stepwise_only: bool = False) -> None:
+    if stepwise_only:
+        p.add_argument("--engine", choices=["stepwise"], default="stepwise",
+                       help="stepwise only: recording is a research hook of the stepwise engine")
+    else:
+        p.add_argument("--engine", choices=["fused", "stepwise"], default=None,
+                       help="fused (default: one XLA program per decode step) or stepwise (each layer driven "
+                            "from Python: emulated links, research hooks); an emulated --link runs stepwise")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                    help=f"importance threshold (PAPER.md 1) for score-sub/smoe; 0 disables substitution "
                         f"and makes every policy exact (default {DEFAULT_ALPHA}, see docs/benchmarks.md)")
@@ -481,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--policy", default="lru")
     tr.add_argument("--out", required=True)
     tr.add_argument("--force", action="store_true")
-    _engine_flags(tr)
+    _engine_flags(tr, stepwise_only=True)
     tr.set_defaults(func=cmd_trace_record)
 
     r = sub.add_parser("replay", help="simulate policies on a trace, without the model (incl. belady)")
@@ -530,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a flag argparse rejected (2, message already printed)
         return int(e.code or 0)
     try:
+        if args.command not in ("convert", "replay"):  # the commands that compile
+            from moejax.api import enable_compile_cache
+
+            enable_compile_cache()
         args.func(args)
     except MoejaxError as e:
         sys.stderr.write(f"error: {e}\n")

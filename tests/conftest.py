@@ -1,9 +1,19 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _moejax_cache(tmp_path_factory):
+    """Conversions and compiled programs (the CLI's compile cache) go to a temporary
+    directory, never ~/.cache; tests may point MOEJAX_CACHE elsewhere themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEJAX_CACHE", str(tmp_path_factory.mktemp("moejax-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -46,11 +46,13 @@ def test_decode_streams_text_and_writes_json(tiny_dir, tmp_path, capsys, monkeyp
 
 def test_console_script_runs(tiny_dir, tmp_path):
     env = {**__import__("os").environ, "MOEJAX_CACHE": str(tmp_path / "cache")}
+    env.pop("MOEJAX_NO_COMPILE_CACHE", None)
     r = subprocess.run(["moejax", "decode", "--model", str(tiny_dir), "--prompt", "A cache", "--max-new-tokens",
                         "3", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("A cache")
+    assert any((tmp_path / "cache" / "xla").iterdir())  # the persistent compilation cache
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -59,6 +61,7 @@ def test_console_script_runs(tiny_dir, tmp_path):
     (["--prompt", "x", "--max-new-tokens", "100000"], "exceeds the model's context of 512"),
     (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
     (["--prompt", "x", "--max-new-tokens", "ten"], "invalid int value"),
+    (["--prompt", "x", "--engine", "turbo"], "argument --engine: invalid choice: 'turbo'"),
 ])
 def test_decode_bad_input(tiny_dir, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
@@ -103,6 +106,33 @@ def test_decode_offloaded_json(tiny_dir, tmp_path, capsys, monkeypatch):
     assert rec["tokens"] == res["tokens"]  # offloading without substitution changes nothing
     assert rec["policy"] == "lfu" and rec["pool_share"] == 0.25 and rec["bytes_h2d"] > 0
     assert rec["peak_device_bytes"] <= rec["budget_bytes"]
+    assert rec["engine"] == "fused" and res["engine"] == "none"  # the default engine; resident has none
+    assert "engine fused" in err
+
+
+def test_decode_stepwise_engine_named(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "step.json"
+    assert main(["decode", "--model", str(tiny_dir), "--prompt", "The experts", "--max-new-tokens", "3",
+                 "--vram-budget", "25%", "--policy", "lru", "--engine", "stepwise", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    rec = json.loads(out.read_text())
+    assert rec["engine"] == "stepwise" and rec["compile_s"] > 0 and len(rec["tokens"]) == 3
+    assert err.count("engine stepwise") == 2  # the plan line and the summary line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--link", "emulated:1GB/s,0us", "--engine", "fused", "--json", "b.json"],
+     "--link emulated:1GB/s,0us runs on the stepwise engine"),
+    (["eval", "sweep", "--text", "t.txt", "--link", "emulated:paper", "--engine", "fused"],
+     "--link emulated:paper runs on the stepwise engine"),
+    (["trace", "record", "--prompt", "x", "--out", "t.npz", "--engine", "fused"], "invalid choice: 'fused'"),
+    (["eval", "ppl", "--text", "t.txt", "--engine", "fast"], "invalid choice: 'fast'"),
+])
+def test_engine_bad_input(tiny_dir, capsys, argv, message):
+    rc = main([*argv, "--model", str(tiny_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_calibrate_then_decode_with_similarity(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -120,6 +150,7 @@ def test_calibrate_then_decode_with_similarity(tiny_dir, tmp_path, capsys, monke
                  "--alpha", "0", "--json", str(out)]) == 0
     rec = json.loads(out.read_text())
     assert rec["top1_agreement"] == 1.0 and rec["ppl"] == pytest.approx(rec["ppl_resident"], rel=1e-4)
+    assert rec["engine"] == "fused"
     for field in ("ppl", "ppl_resident", "top1_agreement", "kl", "hit_rate", "substitution_rate", "tokens"):
         assert field in rec
 
@@ -163,7 +194,7 @@ def test_eval_sweep_and_bad_alphas(tiny_dir, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "s.png").stat().st_size > 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["alpha"] for r in rows] == [0.0, 0.5] and rows[0]["top1_agreement"] == 1.0
-    assert all("tpot_ms" in r and "hit_rate" in r for r in rows)
+    assert all("tpot_ms" in r and "hit_rate" in r and r["engine"] == "fused" and r["compile_s"] > 0 for r in rows)
     capsys.readouterr()
     for alphas, message in (("0,1.2", "1.2 is not in [0, 1)"), ("a,b", "expected comma-separated numbers")):
         rc = main([*base, "--alphas", alphas])
@@ -181,5 +212,7 @@ def test_bench_emulated_link_labelled(tiny_dir, tmp_path, capsys, monkeypatch):
     assert fig.stat().st_size > 0
     recs = json.loads(out.read_text())["records"]
     assert all(r["link"] == "emulated link: 0.05 GB/s, 10 us latency" for r in recs)
-    assert "emulated link" in capsys.readouterr().err
+    assert all(r["engine"] == "stepwise" and r["compile_s"] > 0 for r in recs)  # an emulated link runs stepwise
+    cap = capsys.readouterr()
+    assert "emulated link" in cap.err and "| lru | stepwise |" in cap.out
     assert main(["bench", "--model", str(tiny_dir), "--link", "emulated:fast", "--json", str(out)]) == 2
