@@ -1,9 +1,10 @@
 """Routing and routed-expert compute.
 
 Routing is split from expert compute so that the offloaded engine can run the router,
-decide on the host which expert weights to use (and where they live), then call
-`experts_indexed` on its device pool with slot ids. The resident model calls the same
-function on its full expert stack with expert ids.
+decide which expert weights to use (and where they live), then call `experts_indexed`
+(decode) or `experts_ordered` (prefill) on its device pool with slot ids. The resident model
+calls the same functions on its full expert stack with expert ids, so offloading changes no
+arithmetic.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def route(cfg, x, w_router, bias=None):
     return (scores, *select(cfg, scores, bias))
 
 
+def block(stack, row, dtype):
+    """One expert [3, H, I] of a stack [S, 3, H, I] in the compute dtype (an offloaded pool
+    may hold bfloat16 experts as their uint16 bits, see `offload.cache.storage_dtype`)."""
+    b = jax.lax.dynamic_index_in_dim(stack, row, 0, keepdims=False)
+    return b if b.dtype == dtype else jax.lax.bitcast_convert_type(b, dtype)
+
+
 def experts_indexed(x, stack, ids, weights):
     """Few tokens (decode): x [N, H]; stack [S, 3, H, I] (the expert stack, or the engine's
     device pool); ids [N, k] rows of stack; weights [N, k] -> [N, H].
@@ -71,34 +79,39 @@ def experts_indexed(x, stack, ids, weights):
     for n in range(N):
         acc = jnp.zeros_like(x[n])  # [H]
         for j in range(k):
-            blk = jax.lax.dynamic_index_in_dim(stack, ids[n, j], 0, keepdims=False)  # [3, H, I]
+            blk = block(stack, ids[n, j], x.dtype)  # [3, H, I]
             h = jax.nn.silu(x[n] @ blk[0]) * (x[n] @ blk[1])  # [I]
             acc = acc + weights[n, j].astype(x.dtype) * (blk[2] @ h)
         rows.append(acc)
     return jnp.stack(rows)
 
 
-def experts_grouped(x, experts, idx, weights):
-    """Many tokens (prefill): sort (token, expert) pairs by expert, one ragged matmul per
-    projection. x [N, H]; experts [E, 3, H, I]; idx, weights [N, k] -> [N, H]."""
-    N, k = idx.shape
-    E = experts.shape[0]
-    flat = idx.reshape(-1)  # [N*k]
-    order = jnp.argsort(flat)
-    tokens = order // k
-    xs = x[tokens]  # [N*k, H] sorted by expert
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)  # [E]
-    g = jax.lax.ragged_dot(xs, experts[:, 0], sizes)  # [N*k, I]
-    u = jax.lax.ragged_dot(xs, experts[:, 1], sizes)
-    h = jax.nn.silu(g) * u
-    y = jax.lax.ragged_dot(h, jnp.swapaxes(experts[:, 2], 1, 2), sizes)  # [N*k, H]
-    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-    return jnp.zeros_like(x).at[tokens].add(y)
+def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc):
+    """Many tokens (prefill), one expert at a time in ascending id order: for each position p
+    with ok[p], acc += weight of expert ids[p] per token * FFN(x) with the block stack[rows[p]].
+    x, acc [N, H]; stack [S, 3, H, I]; rows, ids, ok [G]; idx, weights [N, k] -> acc [N, H].
+
+    The resident model calls it once with every expert (rows = ids = 0..E-1); the offloaded
+    engine calls it group by group with the experts it holds in its pool. Experts no token
+    routes to add exactly zero, so both sum every token's experts in the same order with the
+    same arithmetic: offloaded prefill is bit for bit the resident one."""
+
+    def body(p, acc):
+        e = ids[p]
+        w = jnp.sum(jnp.where(idx == e, weights, 0.0), axis=-1)  # [N] float32: one term at most
+        blk = block(stack, rows[p], x.dtype)  # [3, H, I]
+        y = jax.nn.silu(x @ blk[0]) * (x @ blk[1])  # [N, I]
+        y = jnp.einsum("ni,hi->nh", y, blk[2])  # [N, H]
+        return jnp.where(ok[p], acc + y * w[:, None].astype(y.dtype), acc)
+
+    return jax.lax.fori_loop(0, ids.shape[0], body, acc)
 
 
-def experts_resident(x, experts, idx, weights):
-    """Computes only the selected experts, choosing the cheaper way for the token count."""
-    N, k = idx.shape
-    if N * k <= min(experts.shape[0], 64):
+def experts_resident(x, experts, idx, weights, decode: bool):
+    """All experts on the device: decode steps (one token per row) gather their k experts,
+    prefill runs expert by expert; the offloaded engine uses the same two functions."""
+    if decode:
         return experts_indexed(x, experts, idx, weights)
-    return experts_grouped(x, experts, idx, weights)
+    E = experts.shape[0]
+    ids = jnp.arange(E, dtype=jnp.int32)
+    return experts_ordered(x, experts, ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(x))

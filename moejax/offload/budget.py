@@ -50,6 +50,7 @@ class BudgetPlan:
     pool_slots: int
     total_experts: int
     min_bytes: int  # the smallest budget that can run
+    program_bytes: int = 0  # temporaries of the fused engine's compiled programs
 
     @property
     def pool_share(self) -> float:
@@ -58,7 +59,9 @@ class BudgetPlan:
     def describe(self) -> str:
         mib = human_bytes
         return (f"budget {mib(self.budget_bytes)} = dense {mib(self.dense_bytes)} + KV cache {mib(self.kv_bytes)} "
-                f"+ staging {self.staging_slots} x {mib(self.expert_bytes)} + pool {self.pool_slots} x "
+                f"+ staging {self.staging_slots} x {mib(self.expert_bytes)} "
+                + (f"+ program temporaries {mib(self.program_bytes)} " if self.program_bytes else "")
+                + f"+ pool {self.pool_slots} x "
                 f"{mib(self.expert_bytes)} ({100 * self.pool_share:.1f}% of {self.total_experts} experts)")
 
 
@@ -72,13 +75,16 @@ def dense_bytes(cfg: MoEConfig, itemsize: int) -> int:
 
 
 def plan_budget(cfg: MoEConfig, itemsize: int, batch: int, cache_len: int, spec: tuple[str, float] | None,
-                prefetch: bool = False) -> BudgetPlan:
+                prefetch: bool = False, staging: int | None = None, program_bytes: int = 0) -> BudgetPlan:
+    """staging: device copies of experts in flight (default: the stepwise engine's, one
+    step's worth, twice with prefetch); program_bytes: compiled temporaries (fused engine)."""
     total = cfg.num_experts * len(cfg.moe_layer_ids)
     eb = cfg.expert_bytes(itemsize)
     per_step = min(batch * cfg.top_k, cfg.num_experts)  # the most one layer needs at once
-    staging = per_step * (2 if prefetch else 1)
+    if staging is None:
+        staging = per_step * (2 if prefetch else 1)
     dense, kv = dense_bytes(cfg, itemsize), cache_bytes(cfg, batch, cache_len, itemsize)
-    fixed = dense + kv + staging * eb
+    fixed = dense + kv + staging * eb + program_bytes
     min_bytes = fixed + per_step * eb
     if spec is None:
         slots = total
@@ -91,6 +97,7 @@ def plan_budget(cfg: MoEConfig, itemsize: int, batch: int, cache_len: int, spec:
         if spec[1] < min_bytes:
             raise MoejaxError(f"--vram-budget {spec[1] / 2**20:.1f} MiB is below the minimum of "
                               f"{min_bytes / 2**20:.2f} MiB ({min_bytes} bytes: dense {dense} + KV {kv} + "
-                              f"{per_step + staging} experts of {eb})")
+                              f"{per_step + staging} experts of {eb}"
+                              + (f" + program temporaries {program_bytes}" if program_bytes else "") + ")")
         slots = min(total, int((spec[1] - fixed) // eb))
-    return BudgetPlan(fixed + slots * eb, dense, kv, eb, staging, slots, total, min_bytes)
+    return BudgetPlan(fixed + slots * eb, dense, kv, eb, staging, slots, total, min_bytes, program_bytes)

@@ -1,8 +1,9 @@
-"""Device expert pool: a fixed number of slots allocated once, written in place through a
-jitted, donated update with a traced slot index, plus the expert -> slot table.
+"""Device expert pool: a fixed number of slots allocated once and written in place, and the
+host -> device copy of one expert.
 
-Which experts are cached changes only the table and the slot indices the compute gathers
-from, never a shape, so nothing recompiles."""
+Which experts are cached lives in the decision state (`moejax.offload.decisions`): the pool
+is mechanism only. Shapes never depend on the cached set (slots are traced indices), so
+nothing recompiles after warm-up."""
 
 from __future__ import annotations
 
@@ -10,67 +11,54 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax import lax
+
+FETCH_MODES = ("cond", "always")
+
+
+def storage_dtype(dtype):
+    """The pool's element type: bfloat16 experts are stored as their uint16 bits, because
+    XLA:CPU upcasts a bfloat16 dynamic_update_slice to float32 and back over the WHOLE pool
+    (measured: 24 fetches into a 3.5 MB pool took 70-350 ms as bfloat16, 0.5-1.2 ms as
+    uint16). Blocks are bitcast back (`as_compute`) before any arithmetic."""
+    return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def as_storage(block, dtype):
+    return block if block.dtype == dtype else lax.bitcast_convert_type(block, dtype)
+
+
+def fetch_block(stack, expert, device_sharding):
+    """Inside a jitted program: one expert [3, H, I] of a host stack [E, 3, H, I] (pinned_host)
+    copied to device memory. A dynamic slice, never a gather (a gather on a host array fails
+    on CPU and becomes host compute on GPU); XLA:GPU makes it an async copy."""
+    return jax.device_put(lax.dynamic_index_in_dim(stack, expert, 0, keepdims=False), device_sharding)
+
+
+@partial(jax.jit, static_argnums=(2,))
+def fetch_one(stack, expert, device_sharding):
+    return fetch_block(stack, expert, device_sharding)
+
+
+def write_fetches(pool, stack, fetches, device_sharding, mode: str = "cond"):
+    """pool [S + 1, 3, H, I] (the last slot is scratch) <- experts fetches.experts[:count] of a
+    host stack at fetches.slots[:count]. One unconditional in-place write per fetch slot; the
+    copy itself runs only for real fetches (mode "cond"), so a resident expert moves no bytes.
+    Mode "always" copies in every fetch slot (branch-free; for measuring the alternative)."""
+    scratch = pool.shape[0] - 1
+    for j in range(fetches.experts.shape[0]):
+        e, ok = fetches.experts[j], j < fetches.count
+        if mode == "cond":
+            block = lax.cond(ok, lambda e=e: fetch_block(stack, e, device_sharding),
+                             lambda: jnp.zeros(pool.shape[1:], stack.dtype))
+        else:
+            block = fetch_block(stack, e, device_sharding)
+        pool = lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype),
+                                               jnp.where(ok, fetches.slots[j], scratch), 0)
+    return pool
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _write(pool, block, slot):
-    """pool [S, 3, H, I] <- block [3, H, I] at slot (traced)."""
-    return jax.lax.dynamic_update_index_in_dim(pool, block.astype(pool.dtype), slot, axis=0)
-
-
-class ExpertPool:
-    """Slots shared by all MoE layers (the paper's global cache), or split evenly per layer."""
-
-    def __init__(self, slots: int, expert_shape, dtype, layers: list[int], num_experts: int,
-                 per_layer: bool = False, device: bool = True):
-        """device=False keeps only the bookkeeping (trace replay simulates a pool)."""
-        if slots < 1:
-            raise ValueError("the expert pool needs at least one slot")
-        self.slots = slots
-        self.array = (jax.device_put(jnp.zeros((slots, *expert_shape), dtype), jax.devices()[0])  # committed
-                      if device else None)
-        self.slot_of: dict[tuple[int, int], int] = {}
-        self.key_of: list[tuple[int, int] | None] = [None] * slots
-        # table[layer, expert] = slot or -1: turns routed ids into slot ids with one numpy take
-        self.table = np.full((max(layers) + 1, num_experts), -1, np.int32)
-        self.per_layer = per_layer
-        if per_layer:
-            share = slots // len(layers)
-            self._range = {l: range(i * share, (i + 1) * share) for i, l in enumerate(layers)}
-        self.writes = 0
-
-    def slot_range(self, layer: int) -> range:
-        return self._range[layer] if self.per_layer else range(self.slots)
-
-    def resident(self, layer: int) -> set[int]:
-        return {e for (l, e) in self.slot_of if l == layer}
-
-    def free_slot(self, layer: int) -> int | None:
-        for s in self.slot_range(layer):
-            if self.key_of[s] is None:
-                return s
-        return None
-
-    def keys_in_range(self, layer: int) -> list[tuple[int, int]]:
-        return [k for s in self.slot_range(layer) if (k := self.key_of[s]) is not None]
-
-    def evict(self, key: tuple[int, int]) -> int:
-        slot = self.slot_of.pop(key)
-        self.key_of[slot] = None
-        self.table[key] = -1
-        return slot
-
-    def put(self, key: tuple[int, int], slot: int, block: jax.Array) -> None:
-        """Place a (device) expert block in a free slot."""
-        assert self.key_of[slot] is None, f"slot {slot} is taken by {self.key_of[slot]}"
-        if self.array is not None:
-            self.array = _write(self.array, block, np.int32(slot))
-        self.slot_of[key] = slot
-        self.key_of[slot] = key
-        self.table[key] = slot
-        self.writes += 1
-
-    @property
-    def nbytes(self) -> int:
-        return self.array.nbytes
+def write_block(pool, block, slot):
+    """pool [S, 3, H, I] <- block [3, H, I] at slot (traced): the stepwise engine's pool write."""
+    return lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype), slot, axis=0)

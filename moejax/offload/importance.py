@@ -1,4 +1,6 @@
-"""Importance-driven substitution (PAPER.md sections 1-2), as pure functions on host arrays.
+"""Importance-driven substitution (PAPER.md sections 1-2), as pure jnp functions: the one
+definition that the fused program runs on the device and the stepwise engine and trace
+replay run through jit on their inputs (numpy arrays are accepted too).
 
 Per token and MoE layer, with p = router probabilities over ALL routed experts
 (`moe.importance`: the softmax, or sigmoid scores normalised by their sum) and S the
@@ -20,68 +22,80 @@ decreasing probability, so the more important one gets the better substitute.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 MODES = ("window", "similarity", "hybrid")
 
 
-def threshold_s(probs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def threshold_s(probs, idx):
     """probs [N, E], selected idx [N, k] -> S [N], the highest probability of an expert
     each token did not select."""
-    unselected = probs.copy()
-    np.put_along_axis(unselected, idx, -np.inf, axis=-1)
+    unselected = jnp.asarray(probs).at[jnp.arange(idx.shape[0])[:, None], idx].set(-jnp.inf)
     return unselected.max(axis=-1)
 
 
-def classify(probs: np.ndarray, idx: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+def classify(probs, idx, alpha: float):
     """-> (S [N], top-score mask [N, k]) for the selected experts idx [N, k]."""
     S = threshold_s(probs, idx)
-    p_sel = np.take_along_axis(probs, idx, axis=-1)
+    p_sel = jnp.take_along_axis(jnp.asarray(probs), jnp.asarray(idx), axis=-1)
     return S, p_sel >= (1.0 + alpha) * S[:, None]
 
 
-def substitute(probs: np.ndarray, idx: np.ndarray, alpha: float, available: set[int], mode: str = "window",
-               similarity: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _mask(available, E: int):
+    """A set of expert ids, or a bool mask [E] -> bool mask [E]."""
+    if isinstance(available, (set, frozenset, list, tuple)):
+        m = np.zeros(E, bool)
+        m[list(available)] = True
+        return jnp.asarray(m)
+    return jnp.asarray(available, bool)
+
+
+def substitute(probs, idx, alpha: float, available, mode: str = "window", similarity=None):
     """-> (experts [N, k] to compute, substituted mask [N, k]).
 
-    available: experts on the device (landed) for this layer. The batch's top-score set is
-    added here. alpha = 0 returns idx unchanged."""
-    out = idx.copy()
-    changed = np.zeros(idx.shape, bool)
-    if alpha <= 0:
-        return out, changed
-    S, top = classify(probs, idx, alpha)
-    usable = set(available) | set(idx[top].tolist())  # on device, or computed anyway
+    available: experts on the device (landed) for this layer, a bool mask [E] or a set. The
+    batch's top-score set is added here. alpha = 0 returns idx unchanged. Traceable: alpha
+    and mode are Python values, everything else may be traced."""
+    probs, idx = jnp.asarray(probs), jnp.asarray(idx, jnp.int32)
     N, k = idx.shape
+    E = probs.shape[-1]
+    if alpha <= 0:
+        return idx, jnp.zeros(idx.shape, bool)
+    S, top = classify(probs, idx, alpha)
+    p_sel = jnp.take_along_axis(probs, idx, axis=-1)  # [N, k]
+    batch_top = jnp.zeros(E, bool).at[jnp.where(top, idx, E)].set(True, mode="drop")
+    usable = _mask(available, E) | batch_top  # on the device, or computed anyway
+    out, changed = idx, jnp.zeros(idx.shape, bool)
     for n in range(N):
-        low = [j for j in np.argsort(-probs[n, idx[n]]) if not top[n, j] and int(idx[n, j]) not in usable]
-        if not low:
-            continue
-        selected = set(idx[n].tolist())
-        cands = [c for c in usable if c not in selected]
+        selected = jnp.zeros(E, bool).at[idx[n]].set(True)
+        cands = usable & ~selected
         if mode != "similarity":  # unselected experts have p <= S; the window bounds them below
-            cands = [c for c in cands if probs[n, c] > (1.0 - alpha) * S[n]]
-        taken: set[int] = set()
-        for j in low:
-            e = int(idx[n, j])
-            free = [c for c in cands if c not in taken]
-            if not free:
-                break
+            cands = cands & (probs[n] > (1.0 - alpha) * S[n])
+        taken = jnp.zeros(E, bool)
+        for j in jnp.argsort(-p_sel[n], stable=True):  # more important low-score experts first
+            e = idx[n, j]
+            free = cands & ~taken
             if mode == "window":
-                best = max(free, key=lambda c: (probs[n, c], -c))
-            else:
-                best = max(free, key=lambda c: (similarity[e, c], probs[n, c], -c))
-            taken.add(best)
-            out[n, j] = best
-            changed[n, j] = True
+                rank = jnp.where(free, probs[n], -jnp.inf)
+            else:  # most similar, then most probable; argmax takes the lowest id of ties
+                sim = jnp.where(free, similarity[e], -jnp.inf)
+                rank = jnp.where(free & (sim == sim.max()), probs[n], -jnp.inf)
+            best = jnp.argmax(rank).astype(jnp.int32)
+            do = ~top[n, j] & ~usable[e] & free.any()
+            out = out.at[n, j].set(jnp.where(do, best, e))
+            changed = changed.at[n, j].set(do)
+            taken = taken.at[best].set(taken[best] | do)
     return out, changed
 
 
-def gate_weights(scores: np.ndarray, experts: np.ndarray, renormalise: bool, scale: float = 1.0) -> np.ndarray:
+def gate_weights(scores, experts, renormalise: bool, scale: float = 1.0):
     """Weights of the computed experts, as the router would weigh them had it selected them
     (PAPER.md 2): each one's own router score (a substitute's too), renormalised over the k
-    computed experts where the family does, times its routed_scaling_factor."""
-    w = np.take_along_axis(scores, experts, axis=-1).astype(np.float32)
+    computed experts where the family does, times its routed_scaling_factor. Bit for bit the
+    router's own weights (`moe.select`) when experts are the routed ones."""
+    w = jnp.take_along_axis(jnp.asarray(scores), jnp.asarray(experts), axis=-1).astype(jnp.float32)
     if renormalise:
-        w = w / (w.sum(axis=-1, keepdims=True) + np.float32(1e-20))
-    return w * np.float32(scale)
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    return w * scale

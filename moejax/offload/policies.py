@@ -1,42 +1,37 @@
-"""Eviction policies: one small class each. A policy sees expert uses and picks victims;
-the pool and the engine do the rest.
+"""Eviction policies: one small class each. A policy says which resident expert goes first
+(its eviction keys) and which stages run around it; `moejax.offload.decisions` does the rest,
+the same way for every driver (the fused program, the stepwise engine, trace replay).
 
-Keys are (layer, expert). Flags tell the engine what to run around a policy:
-`reuse=False`: cached experts are never used again (on-demand loading); `prefetch`: which
-speculative prefetch ("next-layer-gate" or "top-score"); `substitute`: importance-driven
-substitution (moejax.offload.importance); `needs_probs`: the full router probabilities
-come to the host every decode layer.
+Flags: `reuse=False`: cached experts are never used again (on-demand loading); `prefetch`:
+which speculative prefetch ("next-layer-gate" or "top-score"); `substitute`:
+importance-driven substitution (moejax.offload.importance); `needs_probs`: the policy
+observes every decode layer's router probabilities (score-aware eviction).
+
+A policy is a frozen value (its settings are part of it), so jitted programs can take it as
+a static argument.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from dataclasses import dataclass
 
-import numpy as np
+import jax.numpy as jnp
 
 
+@dataclass(frozen=True)
 class Policy:
+    alpha: float = 0.0
+    mode: str = "window"
+    score_window: int = 16
     name = "base"
     reuse = True
-    prefetch: str | None = None
+    prefetch = None  # "next-layer-gate" | "top-score"
     substitute = False
     needs_probs = False
 
-    def __init__(self, alpha: float = 0.0, mode: str = "window", score_window: int = 16):
-        self.alpha, self.mode, self.score_window = alpha, mode, score_window
-        self.clock = 0
-        self.last_use: dict[tuple[int, int], int] = {}
-
-    def observe(self, layer: int, probs: np.ndarray) -> None:
-        """Router probabilities [N, E] of one decode step at one layer (all experts)."""
-
-    def touch(self, keys) -> None:
-        """Record a use of each key (experts a layer computed, in order)."""
-        for k in keys:
-            self.clock += 1
-            self.last_use[k] = self.clock
-
-    def victim(self, candidates: list[tuple[int, int]]) -> tuple[int, int]:
+    def eviction_keys(self, state) -> tuple:
+        """Arrays [L, E] over (MoE layer, expert), most significant first: the resident
+        expert with the smallest keys is evicted first; ties go to the lowest slot."""
         raise NotImplementedError
 
 
@@ -45,26 +40,17 @@ class LRU(Policy):
 
     name = "lru"
 
-    def victim(self, candidates):
-        return min(candidates, key=lambda k: self.last_use.get(k, 0))
+    def eviction_keys(self, state):
+        return (state["last_use"],)
 
 
-class LFU(LRU):
+class LFU(Policy):
     """Evict the least frequently used expert; ties go to the least recently used."""
 
     name = "lfu"
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.count: dict[tuple[int, int], int] = defaultdict(int)
-
-    def touch(self, keys):
-        super().touch(keys)
-        for k in keys:
-            self.count[k] += 1
-
-    def victim(self, candidates):
-        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last_use.get(k, 0)))
+    def eviction_keys(self, state):
+        return state["count"], state["last_use"]
 
 
 class OnDemand(LRU):
@@ -82,7 +68,14 @@ class LRUPrefetch(LRU):
     prefetch = "next-layer-gate"
 
 
-class ScoreEviction(LRU):
+def mean_score(state):
+    """[L, E] mean router probability of every expert over the last `score_window` observed
+    decode steps (0 for a layer never observed)."""
+    n = jnp.minimum(state["hist_n"], state["hist"].shape[1])  # [L]
+    return jnp.sum(state["hist"], axis=1) / jnp.maximum(n, 1)[:, None].astype(jnp.float32)
+
+
+class ScoreEviction(Policy):
     """PAPER.md 3: evict the resident expert with the lowest mean router probability over
     the last `score_window` decode steps, tracking ALL experts (selected or not), so likely
     substitutes stay. Ties (e.g. never observed) go to the least recently used."""
@@ -90,25 +83,8 @@ class ScoreEviction(LRU):
     name = "score"
     needs_probs = True
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.history: dict[int, deque] = {}
-        self.sums: dict[int, np.ndarray] = {}  # running sum of the window, per layer [E]
-
-    def observe(self, layer, probs):
-        p = np.asarray(probs, np.float64).mean(axis=0)  # [E], batch mean of this step
-        h = self.history.setdefault(layer, deque())
-        self.sums[layer] = self.sums.get(layer, 0.0) + p
-        h.append(p)
-        if len(h) > self.score_window:
-            self.sums[layer] = self.sums[layer] - h.popleft()
-
-    def score(self, key) -> float:
-        h = self.history.get(key[0])
-        return float(self.sums[key[0]][key[1]] / len(h)) if h else 0.0
-
-    def victim(self, candidates):
-        return min(candidates, key=lambda k: (self.score(k), self.last_use.get(k, 0)))
+    def eviction_keys(self, state):
+        return mean_score(state), state["last_use"]
 
 
 class ScoreSubstitution(ScoreEviction):
@@ -126,10 +102,21 @@ class SMoE(ScoreSubstitution):
     prefetch = "top-score"
 
 
+class Belady(LRU):
+    """Offline optimum without substitution (trace replay only): evict the expert used again
+    furthest in the future; the replay driver keeps `state["next_use"]` [L, E] current."""
+
+    name = "belady"
+
+    def eviction_keys(self, state):
+        return -state["next_use"], state["last_use"]
+
+
 POLICIES = {p.name: p for p in (OnDemand, LRU, LFU, LRUPrefetch, ScoreEviction, ScoreSubstitution, SMoE)}
 ALL_NAMES = ("resident", *POLICIES)
 ABLATION = ("lru", "score", "score-sub", "smoe")  # the paper's ladder, one step at a time
 
 
-def make_policy(name: str, **settings) -> Policy:
-    return POLICIES[name](**settings)
+def make_policy(name: str, alpha: float = 0.0, mode: str = "window", score_window: int = 16) -> Policy:
+    cls = Belady if name == "belady" else POLICIES[name]
+    return cls(alpha=float(alpha), mode=mode, score_window=int(score_window))

@@ -95,32 +95,57 @@ def parse_link(text: str) -> Link:
 
 
 class HostExpertStore:
-    """Routed experts of every MoE layer, kept off the device.
-
-    Uses `pinned_host` jax arrays where the backend has that memory kind (page-locked, so a
-    copy to the device is a straight DMA), numpy arrays otherwise."""
+    """Routed experts of every MoE layer, kept off the device: one [E, 3, H, I] stack per
+    layer (each expert a contiguous block), in `pinned_host` memory where the backend has
+    that memory kind (page-locked, so a copy to the device is a straight DMA), numpy arrays
+    otherwise. A fetch is `cache.fetch_block` (a dynamic slice + device_put inside a jitted
+    program), the same copy the fused engine makes in its one program per step."""
 
     def __init__(self, experts: dict[int, np.ndarray], device=None):
         self.device = device or jax.devices()[0]
         kinds = {m.kind for m in self.device.addressable_memories()}
         self.memory_kind = "pinned_host" if "pinned_host" in kinds else "numpy"
-        self._device_sharding = jax.sharding.SingleDeviceSharding(self.device)
-        host = (jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
-                if self.memory_kind == "pinned_host" else None)
-        self._experts: dict[tuple[int, int], object] = {}
+        self.device_sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
+        host = jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
         first = next(iter(experts.values()))
         self.expert_shape, self.dtype = first.shape[1:], first.dtype
         self.expert_bytes = int(np.prod(self.expert_shape)) * first.dtype.itemsize
-        for layer, stack in experts.items():  # stack [E, 3, H, I]
-            for e in range(stack.shape[0]):
-                block = np.ascontiguousarray(stack[e])
-                self._experts[(layer, e)] = jax.device_put(block, host) if host else block
+        self.stacks = {layer: jax.device_put(np.ascontiguousarray(stack), host) if self.memory_kind == "pinned_host"
+                       else np.ascontiguousarray(stack) for layer, stack in experts.items()}  # [E, 3, H, I]
         self.layers = sorted(experts)
+
+    def numpy(self, layer: int) -> np.ndarray:
+        return np.asarray(self.stacks[layer])
 
     def fetch(self, layer: int, expert: int, kind: str = "fetch", link: Link | None = None) -> Transfer:
         """Start copying one expert to the device; returns at once."""
+        from moejax.offload.cache import fetch_one
+
         t = time.perf_counter()
-        arr = jax.device_put(self._experts[(layer, expert)], self._device_sharding)
+        stack = self.stacks[layer]
+        if self.memory_kind == "pinned_host":
+            arr = fetch_one(stack, np.int32(expert), self.device_sharding)
+        else:
+            arr = jax.device_put(stack[expert], self.device_sharding)
         tr = Transfer((layer, expert), arr, self.expert_bytes, t, kind)
         (link or Link()).schedule(tr)
         return tr
+
+
+def load_parts(path: str | Path):
+    """(config, global params, layer params without routed experts, host expert store):
+    what an engine needs from a checkpoint. Engines may share one (benchmarks build many)."""
+    from pathlib import Path
+
+    from moejax import checkpoint
+
+    path = Path(path)
+    cfg, _ = checkpoint.read_meta(path)
+    glob = checkpoint.load_item(path, "global")
+    layers, experts = [], {}
+    for i in range(cfg.num_layers):
+        p = checkpoint.load_item(path, checkpoint.layer_name(i))
+        if cfg.moe_layers[i]:
+            experts[i] = p.pop("experts")
+        layers.append(p)
+    return cfg, glob, layers, HostExpertStore(experts)  # routed experts never touch the device here

@@ -1,0 +1,319 @@
+"""The fused offloaded engine: one XLA program per decode step, one per prompt (prefill).
+
+Routed experts stay in host memory (one pinned_host stack per MoE layer) and are program
+arguments. Inside the program, per MoE layer: attention, router, importance and
+substitution, the policy's plan (`offload.decisions`: hits, evictions, slots), the fetches
+of missing experts into the donated device pool (`cache.write_fetches`: a dynamic slice of
+the host stack + device_put, inside a `lax.cond` so that a resident expert moves no bytes),
+the expert compute from the pool, and for prefetching policies the next layer's prediction
+and its prefetches. Then the LM head and sampling. The host sends a token and gets the next
+one; decision state and telemetry counters stay on the device and are read once per run.
+
+Layers are unrolled in Python (no scan over layers with host slices). Programs are compiled
+ahead of time, once per engine and sampling setting (prefill: once per padded prompt
+length), so `compiled_programs` is all that ever compiles; memory_analysis() of each sizes
+the budget. Exactness: the same functions as the resident model compute the experts
+(`moe.experts_indexed` for decode, `moe.experts_ordered` for prefill), in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.errors import MoejaxError
+from moejax.generate import Generation, generation_loop, sample
+from moejax.metrics import Telemetry
+from moejax.model import layers as L
+from moejax.model import moe
+from moejax.model.decoder import Decoder, empty_cache, rope
+from moejax.offload import decisions as D
+from moejax.offload.budget import BudgetPlan, plan_budget
+from moejax.offload.cache import storage_dtype, write_fetches
+from moejax.offload.importance import classify
+from moejax.offload.policies import make_policy
+
+
+def predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
+    """The next MoE layer's experts as a prefetching policy predicts them -> (ids [M], valid [M]).
+
+    nxt: (router, selection bias or None, MLP norm) of the next layer. "next-layer-gate"
+    (mixtral-offloading): its router on this layer's MLP input h [N, H], top-k. "top-score"
+    (PAPER.md 4): its router on an approximate hidden state, residual x + dense/shared
+    output + the output of this layer's experts that were already on the device (hit [N, k],
+    at pool slots [N, k]); valid = predicted top-score."""
+    router, bias, norm = nxt
+    if policy.prefetch == "next-layer-gate":
+        idx = moe.route(cfg, h, router, bias)[2]
+        return idx.reshape(-1), jnp.ones(idx.size, bool)
+    approx = x.reshape(h.shape) + dense + moe.experts_indexed(h, pool, jnp.where(hit, slots, 0),
+                                                               jnp.where(hit, weights, 0.0))
+    scores, _, idx = moe.route(cfg, L.rms_norm(approx, norm, cfg.rms_norm_eps), router, bias)
+    _, top = classify(moe.importance(scores, cfg.router), idx, policy.alpha)
+    return idx.reshape(-1), top.reshape(-1)
+
+
+def next_layer(layers, i):
+    """(router, bias, MLP norm) of layer i + 1, as predict_next takes them."""
+    nxt = layers[i + 1]
+    return nxt.router[...], None if nxt.router_bias is None else nxt.router_bias[...], nxt.mlp_norm[...]
+
+
+class FusedEngine:
+    """Runs a converted checkpoint with its routed experts in host memory and a device expert
+    pool sized by `budget` (a parsed --vram-budget; None = every expert fits), one XLA
+    program per step. Same interface as the stepwise `moejax.engine.OffloadEngine`."""
+
+    engine_name = "fused"
+
+    def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
+                 cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
+                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16, parts=None,
+                 link=None, fetch_mode: str = "cond"):
+        from moejax.offload.store import Link, load_parts
+
+        cfg, glob, layers, self.store = parts or load_parts(Path(path))
+        if self.store.memory_kind != "pinned_host":
+            raise MoejaxError("the fused engine needs pinned_host memory on this backend; use --engine stepwise")
+        self.config, self.path, self.batch, self.cache_len = cfg, Path(path), batch, cache_len
+        self.policy_name, self.fetch_mode, self.link = policy, fetch_mode, link or Link()
+        self.policy = make_policy(policy, alpha, substitute, score_window)
+        self.module = Decoder(cfg, glob, layers, offloaded=True)  # dense weights -> device
+        self.dtype = self.module.dtype
+        self.graphdef, self.params = nnx.split(self.module)
+        self.moe_ids = list(cfg.moe_layer_ids)
+        self.stacks = tuple(self.store.stacks[i] for i in self.moe_ids)  # [E, 3, H, I] each, pinned_host
+        self.similarity = (None if self.policy.mode == "window" or not similarity else
+                           jnp.asarray(np.stack([similarity[i] for i in self.moe_ids]), jnp.float32))
+        self.device = jax.devices()[0]
+        self._dense_bytes = sum(x.nbytes for x in jax.tree.leaves(self.params))
+        self._budget, self.per_layer = budget, per_layer
+        self.compiled_programs: dict = {}
+        self.compile_s = 0.0
+        self._program_bytes = 0
+        self._build(plan_budget(cfg, np.dtype(self.dtype).itemsize, batch, cache_len, budget, staging=1))
+
+    # ---- state --------------------------------------------------------------------------
+    def _build(self, plan: BudgetPlan) -> None:
+        self.plan = plan
+        self.layout = D.Layout(len(self.moe_ids), self.config.num_experts, plan.pool_slots, self.per_layer)
+        self.compiled_programs = {}
+        self.full = plan.pool_slots == plan.total_experts and self.policy.reuse  # nothing is ever evicted
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh telemetry, an empty pool and fresh policy state. If the pool holds every
+        expert (and the policy reuses experts), it is filled now: decoding then moves no bytes."""
+        cfg, S = self.config, self.plan.pool_slots
+        full = self.full
+        shape = (S + 1, *self.store.expert_shape)  # + one scratch slot for fetch slots left unused
+        if full:
+            blocks = np.concatenate([self.store.numpy(i) for i in self.moe_ids] +
+                                    [np.zeros((1, *self.store.expert_shape), self.store.dtype)])
+            self.pool = jax.device_put(blocks.view(storage_dtype(self.dtype)), self.device)
+        else:
+            self.pool = jax.device_put(jnp.zeros(shape, storage_dtype(self.dtype)), self.device)
+        self.state = jax.device_put(D.init_state(self.layout, self.policy.score_window, full), self.device)
+        self.kv = empty_cache(cfg, self.batch, self.cache_len, self.dtype)
+        self._t = Telemetry()
+
+    @property
+    def t(self) -> Telemetry:
+        """Telemetry since the last reset (the device counters are read now)."""
+        c, eb, t = self.counters(), self.store.expert_bytes, self._t
+        t.decode_hits, t.decode_unique, t.substituted, t.routed = c["hits"], c["unique"], c["substituted"], c["routed"]
+        t.transfers, t.bytes_h2d_decode, t.bytes_h2d_prefill = c["fetched"], c["fetched"] * eb, c["prefill_fetched"] * eb
+        t.prefetch_issued, t.prefetch_used = c["prefetch_issued"], c["prefetch_used"]
+        t.peak_device_bytes = max(t.peak_device_bytes, self.device_bytes())
+        return t
+
+    def device_bytes(self) -> int:
+        """Dense weights, KV cache, the pool (with its scratch slot) and the largest compiled
+        program's temporaries (fetched blocks in flight included)."""
+        kv = sum(a.nbytes for pair in self.kv for a in pair)
+        return self._dense_bytes + kv + self.pool.nbytes + self._program_bytes
+
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in jax.device_get(self.state["counters"]).items()}
+
+    # ---- the program's pieces -----------------------------------------------------------
+    def _attend_route(self, layer, x, kv, pos, cos, sin):
+        B, T, H = x.shape
+        a, kv = layer.attention(x, kv, pos, cos, sin)
+        x = x + a
+        h = layer.mlp_input(x.reshape(B * T, H))  # [N, H]
+        return x, kv, h, layer.dense_output(h), *layer.route(h)
+
+    def _moe_decode(self, layers, stacks, i, x, kv, pos, cos, sin, pool, state):
+        cfg, pol, lay = self.config, self.policy, self.layout
+        m = self.moe_ids.index(i)
+        x, kv, h, dense, scores, weights, idx = self._attend_route(layers[i], x, kv, pos, cos, sin)
+        if self.full:  # every expert stays at slot m * E + e: nothing to decide, fetch or substitute
+            n = D.unique_first(idx.reshape(-1), size=min(idx.size, cfg.num_experts))[2]
+            for name, v in (("hits", n), ("unique", n), ("routed", idx.size)):
+                state = D._count(state, name, v)
+            out = dense + moe.experts_indexed(h, pool, m * cfg.num_experts + idx, weights)
+            return x + out.reshape(x.shape), kv, pool, state
+        sim = None if self.similarity is None else self.similarity[m]
+        state, probs, experts, weights = D.substitute_layer(state, cfg, pol, m, scores, weights, idx, sim)
+        nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
+        if pol.prefetch and nxt:  # from the pool before this layer's fetches land
+            slots = state["table"][m][experts]  # [N, k]
+            predicted = predict_next(cfg, pol, next_layer(layers, i), x, h, dense, pool, slots, slots >= 0, weights)
+        state, fetches, needed = D.plan_decode(state, lay, pol, m, experts)
+        if pol.needs_probs:
+            state = D.observe(state, m, probs)
+        pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
+        out = dense + moe.experts_indexed(h, pool, state["table"][m][experts], weights)
+        x = x + out.reshape(x.shape)
+        if not pol.reuse:
+            state = D.release(state, lay, m, *needed)
+        if pol.prefetch and nxt:
+            state, pf = D.plan_prefetch(state, lay, pol, m + 1, *predicted, (m, *needed))
+            pool = write_fetches(pool, stacks[m + 1], pf, self.store.device_sharding, self.fetch_mode)
+        return x, kv, pool, state
+
+    def _moe_prefill(self, layers, stacks, i, x, kv, pos, cos, sin, pool, state, valid):
+        cfg, pol, lay = self.config, self.policy, self.layout
+        m = self.moe_ids.index(i)
+        x, kv, h, dense, _, weights, idx = self._attend_route(layers[i], x, kv, pos, cos, sin)
+        E = cfg.num_experts
+        if self.full:  # every expert resident: the resident model's loop over all experts
+            ids = jnp.arange(E, dtype=jnp.int32)
+            acc = moe.experts_ordered(h, pool, m * E + ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(h))
+            return x + (dense + acc).reshape(x.shape), kv, pool, state
+        need, n_need = D.needed_sorted(idx, valid, cfg.num_experts)
+        G, groups = D.prefill_groups(lay)
+        need = jnp.pad(need, (0, G * groups - need.shape[0]))
+        acc = jnp.zeros_like(h)
+        for g in range(groups):
+            group = need[g * G:(g + 1) * G]
+            ok = g * G + jnp.arange(G) < n_need
+            state, fetches = D.plan_prefill_group(state, lay, pol, m, group, ok)
+            pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
+            rows = jnp.where(ok, state["table"][m][group], 0)
+            acc = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc)
+        if not pol.reuse:
+            state = D.release(state, lay, m, need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
+        return x + (dense + acc).reshape(x.shape), kv, pool, state
+
+    def _run_layers(self, params, stacks, pool, kv, state, x, pos, valid=None):
+        module = nnx.merge(self.graphdef, params)
+        B, T, _ = x.shape
+        cos, sin = rope(self.config, pos, T, B, self.dtype)
+        kv = list(kv)
+        for i, layer in enumerate(module.layers):
+            if not self.config.moe_layers[i]:
+                x, kv[i] = layer(x, kv[i], pos, cos, sin)
+            elif valid is None:
+                x, kv[i], pool, state = self._moe_decode(module.layers, stacks, i, x, kv[i], pos, cos, sin, pool, state)
+            else:
+                x, kv[i], pool, state = self._moe_prefill(module.layers, stacks, i, x, kv[i], pos, cos, sin, pool, state, valid)
+        return module, x, pool, tuple(kv), state
+
+    # ---- programs -----------------------------------------------------------------------
+    def _decode_fn(self, temperature, top_p):
+        def step(params, stacks, pool, kv, state, token, pos, key):
+            """token [B] at position pos -> (next token [B], logits [B, V], pool, kv, state)."""
+            module = nnx.merge(self.graphdef, params)
+            x = module.embed_tokens(token[:, None])  # [B, 1, H]
+            module, x, pool, kv, state = self._run_layers(params, stacks, pool, kv, state, x, pos)
+            logits = module.logits(x)[:, 0]  # [B, V]
+            return sample(logits, key, temperature, top_p), logits, pool, kv, state
+        return step
+
+    def _prefill_fn(self, temperature, top_p):
+        def prefill(params, stacks, pool, kv, state, tokens, T, key):
+            """tokens [B, Tp] (T real) -> (first token [B], logits [B, V], pool, kv, state)."""
+            module = nnx.merge(self.graphdef, params)
+            B, Tp = tokens.shape
+            x = module.embed_tokens(tokens)  # [B, Tp, H]
+            valid = jnp.broadcast_to(jnp.arange(Tp) < T, (B, Tp)).reshape(-1)  # [N]
+            module, x, pool, kv, state = self._run_layers(params, stacks, pool, kv, state, x, jnp.int32(0), valid)
+            logits = jax.lax.dynamic_index_in_dim(module.logits(x), T - 1, axis=1, keepdims=False)  # [B, V]
+            return sample(logits, key, temperature, top_p), logits, pool, kv, state
+        return prefill
+
+    def _args(self, x, pos, key):
+        return (self.params, self.stacks, self.pool, tuple(self.kv), self.state, jnp.asarray(x, jnp.int32),
+                jnp.int32(pos), key)
+
+    def _ensure(self, kind: str, args, temperature: float, top_p: float):
+        """The compiled program for these argument shapes (compiled once, ahead of time).
+        Its temporaries are budgeted: if they do not fit an absolute budget next to the
+        pool, the pool shrinks and the engine starts over (raises _Rebuilt)."""
+        key = (kind, args[5].shape, temperature, top_p)
+        if key not in self.compiled_programs:
+            fn = (self._decode_fn if kind == "decode" else self._prefill_fn)(temperature, top_p)
+            t0 = time.perf_counter()
+            compiled = jax.jit(fn, donate_argnums=(2, 3, 4)).lower(*args).compile()
+            self.compile_s += time.perf_counter() - t0
+            self.compiled_programs[key] = compiled
+            mem = compiled.memory_analysis()
+            temp = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0
+            if temp > self._program_bytes:
+                self._program_bytes = temp
+                plan = plan_budget(self.config, np.dtype(self.dtype).itemsize, self.batch, self.cache_len,
+                                   self._budget, staging=1, program_bytes=temp)
+                if plan.pool_slots != self.plan.pool_slots:
+                    self._build(plan)
+                    raise _Rebuilt()
+                self.plan = plan
+        return self.compiled_programs[key]
+
+    def _run(self, kind, x, pos, key, temperature, top_p):
+        program = self._ensure(kind, self._args(x, pos, key), temperature, top_p)
+        tok, logits, self.pool, kv, self.state = program(*self._args(x, pos, key))
+        self.kv = list(kv)
+        return tok, logits
+
+    def prefill(self, padded: np.ndarray, T: int, key, temperature=0.0, top_p=1.0):
+        """padded [B, Tp] prompt (T real tokens) -> (first token [B], logits [B, V]). Compiles
+        the decode program first, so that a pool resized for its temporaries never drops
+        state in the middle of a sequence."""
+        if padded.shape[1] > self.cache_len:
+            raise ValueError(f"prompt of {padded.shape[1]} tokens exceeds the engine's cache of {self.cache_len}")
+        temperature, top_p = float(temperature), float(top_p)
+        for _ in range(4):
+            try:
+                self._ensure("decode", self._args(np.zeros(self.batch, np.int32), 0, key), temperature, top_p)
+                self._ensure("prefill", self._args(padded, T, key), temperature, top_p)
+                break
+            except _Rebuilt:
+                continue
+        return self._run("prefill", padded, T, key, temperature, top_p)
+
+    def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
+        """token [B] at position pos -> (next token [B], logits [B, V])."""
+        return self._run("decode", np.asarray(token).reshape(self.batch), pos, key, float(temperature), float(top_p))
+
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids=(), on_token=None, warmup: bool = False) -> Generation:
+        prompt = np.asarray(prompt, np.int32)
+        if prompt.shape[0] != self.batch:
+            raise ValueError(f"engine built for batch {self.batch}, got {prompt.shape[0]} prompts")
+        if prompt.shape[1] + max_new_tokens > self.cache_len:
+            raise ValueError(f"prompt + new tokens exceed the engine's cache of {self.cache_len}")
+        temperature, top_p = float(temperature), float(top_p)
+        prefill = lambda p, T, k: self.prefill(p, T, k, temperature, top_p)[0]  # noqa: E731
+        step = lambda tok, pos, k: self.step(tok, pos, k, temperature, top_p)[0]  # noqa: E731
+        warmup_s = 0.0
+        if warmup:  # compile both programs (and run them once), then start from an empty pool
+            t0 = time.perf_counter()
+            generation_loop(prefill, step, prompt, 2, seed)
+            warmup_s = time.perf_counter() - t0
+            self.reset()
+        self._t = Telemetry()
+        g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
+        g.warmup_s = warmup_s
+        self._t.ttft_s, self._t.step_s = g.ttft_s, g.step_s
+        return g
+
+
+class _Rebuilt(Exception):
+    """The pool was resized after a program's temporaries were measured."""

@@ -1,0 +1,265 @@
+"""One definition of every policy's decisions: which experts a layer hits, fetches, evicts and
+prefetches, as pure jnp functions on a `CacheState`.
+
+The fused engine runs them inside its one program per decode step; the stepwise engine and
+trace replay run the same functions through jit and carry the plans out on the host, so the
+three drivers cannot drift apart (tests hold them to the same counts).
+
+CacheState (a dict of arrays; L = MoE layers, E = experts per layer, S = pool slots):
+  table [L, E]      slot holding (layer, expert), -1 if not on the device
+  owner [S]         layer * E + expert held by each slot, -1 if free
+  last_use [L, E]   clock of the last use (LRU), count [L, E] uses (LFU)
+  hist [L, W, E]    router probabilities of the last W observed decode steps (score eviction),
+  hist_n [L]        steps observed per layer
+  prefetched [L, E] loaded by a prefetch and not used since
+  clock             one tick per expert use
+  counters          hits, unique, routed, substituted, fetched (decode transfers, prefetches
+                    included), prefill_fetched, prefetch_issued, prefetch_used
+Slots are shared by all MoE layers (the paper's global cache) or split evenly per layer
+(`Layout.ranges`). A plan fills slots in this order: free slots (lowest first), then the
+policy's eviction order (`Policy.eviction_keys`, ties to the lowest slot); experts the layer
+uses are shielded. Fetches take their slots in ascending slot order, experts in first-use order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COUNTERS = ("hits", "unique", "routed", "substituted", "fetched", "prefill_fetched", "prefetch_issued",
+            "prefetch_used")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Static shape of the cache: MoE layers, experts per layer, pool slots and the slot range
+    each MoE layer may use."""
+
+    layers: int
+    experts: int
+    slots: int
+    per_layer: bool = False
+
+    @property
+    def share(self) -> int:
+        """Slots one MoE layer may use."""
+        return self.slots // self.layers if self.per_layer else self.slots
+
+    def range(self, m) -> tuple:
+        """[lo, hi) slots of MoE layer m (m may be traced)."""
+        if not self.per_layer:
+            return 0, self.slots
+        return m * self.share, (m + 1) * self.share
+
+
+def init_state(layout: Layout, score_window: int = 16, full: bool = False) -> dict:
+    """An empty pool, or (full) one holding every expert at slot layer * E + expert."""
+    L, E, S = layout.layers, layout.experts, layout.slots
+    if full:
+        assert S >= L * E
+        owner = np.full(S, -1, np.int32)
+        owner[: L * E] = np.arange(L * E)
+        table = np.arange(L * E, dtype=np.int32).reshape(L, E)
+    else:
+        owner, table = np.full(S, -1, np.int32), np.full((L, E), -1, np.int32)
+    state = {"table": table, "owner": owner, "last_use": np.zeros((L, E), np.int32),
+             "count": np.zeros((L, E), np.int32), "hist": np.zeros((L, score_window, E), np.float32),
+             "hist_n": np.zeros(L, np.int32), "prefetched": np.zeros((L, E), bool), "clock": np.int32(0),
+             "counters": {c: np.int32(0) for c in COUNTERS}}
+    return jax.tree.map(jnp.asarray, state)
+
+
+def _count(state, name, n):
+    return {**state, "counters": {**state["counters"], name: state["counters"][name] + jnp.asarray(n, jnp.int32)}}
+
+
+def unique_first(ids, valid=None, size: int | None = None):
+    """ids [M] -> (unique ids [U] in first-use order, ok [U], count). U = size or M; entries
+    past the count are 0 and not ok."""
+    M = ids.shape[0]
+    U = size or M
+    valid = jnp.ones(M, bool) if valid is None else valid
+    same = (ids[:, None] == ids[None, :]) & valid[None, :]  # [M, M]
+    first = valid & ~jnp.tril(same, -1).any(axis=1)
+    order = jnp.argsort(jnp.where(first, 0, 1), stable=True)[:U]
+    n = first.sum()
+    ok = jnp.arange(U) < n
+    return jnp.where(ok, ids[order], 0), ok, n
+
+
+def compact(values, mask):
+    """values [U], mask [U] -> (values with the masked ones first, in order; their count)."""
+    order = jnp.argsort(jnp.where(mask, 0, 1), stable=True)
+    return values[order], mask.sum()
+
+
+def _owner_mask(state, layout: Layout, m: int, experts, ok):
+    """bool [S]: slots holding one of `experts` (ok entries) of MoE layer m."""
+    want = jnp.zeros(layout.experts + 1, bool).at[jnp.where(ok, experts, layout.experts)].set(True)[:-1]
+    own = state["owner"]
+    return (own >= 0) & (own // layout.experts == m) & want[jnp.maximum(own, 0) % layout.experts]
+
+
+def choose_slots(state, layout: Layout, policy, m: int, n, shield, size: int):
+    """[size] slots for n new experts of MoE layer m (ascending; entries past n = slots, i.e.
+    none): free slots first, then the policy's eviction order; shielded slots never."""
+    S, E = layout.slots, layout.experts
+    lo, hi = layout.range(m)
+    s = jnp.arange(S)
+    own = state["owner"]
+    ol, oe = jnp.maximum(own, 0) // E, jnp.maximum(own, 0) % E
+    keys = [jnp.where(own >= 0, k[ol, oe], 0) for k in policy.eviction_keys(state)]
+    cls = jnp.where((s < lo) | (s >= hi) | shield, 2, jnp.where(own >= 0, 1, 0))
+    order = jnp.lexsort((s, *reversed(keys), cls))[:size]
+    return jnp.sort(jnp.where(jnp.arange(size) < n, order, S)).astype(jnp.int32)
+
+
+def room(state, layout: Layout, m: int, shield):
+    """Slots MoE layer m may fill without touching shielded ones."""
+    lo, hi = layout.range(m)
+    s = jnp.arange(layout.slots)
+    return jnp.sum((s >= lo) & (s < hi) & ~shield)
+
+
+def assign(state, layout: Layout, m: int, experts, slots, n):
+    """Place experts[:n] of MoE layer m into slots[:n], evicting what those slots held."""
+    S, E = layout.slots, layout.experts
+    ok = jnp.arange(experts.shape[0]) < n
+    slots = jnp.where(ok, slots, S)
+    old = jnp.where(ok, state["owner"].at[slots].get(mode="fill", fill_value=-1), -1)
+    ol, oe = jnp.maximum(old, 0) // E, jnp.where(old >= 0, old % E, E)
+    table = state["table"].at[ol, oe].set(-1, mode="drop")
+    prefetched = state["prefetched"].at[ol, oe].set(False, mode="drop")
+    e = jnp.where(ok, experts, E)
+    table = table.at[m, e].set(slots, mode="drop")
+    owner = state["owner"].at[slots].set(m * E + experts, mode="drop")
+    return {**state, "table": table, "owner": owner, "prefetched": prefetched}
+
+
+def release(state, layout: Layout, m: int, experts, ok):
+    """Evict the ok experts of MoE layer m (on-demand loading keeps nothing)."""
+    E = layout.experts
+    e = jnp.where(ok, experts, E)
+    slots = state["table"].at[m, e].get(mode="fill", fill_value=-1)
+    owner = state["owner"].at[jnp.where(slots >= 0, slots, layout.slots)].set(-1, mode="drop")
+    return {**state, "owner": owner, "table": state["table"].at[m, e].set(-1, mode="drop")}
+
+
+def touch(state, layout: Layout, m: int, experts, ok, n):
+    """One use of each ok expert of layer m, in order: the clock ticks once per expert."""
+    e = jnp.where(ok, experts, layout.experts)
+    ticks = state["clock"] + 1 + jnp.arange(experts.shape[0], dtype=jnp.int32)
+    return {**state, "last_use": state["last_use"].at[m, e].set(ticks, mode="drop"),
+            "count": state["count"].at[m, e].add(1, mode="drop"), "clock": state["clock"] + n.astype(jnp.int32)}
+
+
+def observe(state, m: int, probs):
+    """Score eviction's window: the batch mean of this decode step's probabilities [N, E]."""
+    W = state["hist"].shape[1]
+    hist = state["hist"].at[m, state["hist_n"][m] % W].set(jnp.mean(probs.astype(jnp.float32), axis=0))
+    return {**state, "hist": hist, "hist_n": state["hist_n"].at[m].add(1)}
+
+
+@dataclass
+class Fetches:
+    """What to load: experts[:count] of one layer into slots[:count] (arrays of a fixed size)."""
+
+    experts: jax.Array
+    slots: jax.Array
+    count: jax.Array
+
+
+jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "count"], meta_fields=[])
+
+
+def substitute_layer(state, cfg, policy, m, scores, weights, idx, similarity=None, available=None):
+    """Decode, PAPER.md 1-2: importance of every expert and the substitution of low-score
+    experts against what MoE layer m holds (available [E]: default, every expert in the
+    pool). scores [N, E] raw router scores, weights/idx [N, k] the router's choice ->
+    (state, importance [N, E], experts [N, k] to compute, their gate weights [N, k])."""
+    from moejax.model.moe import importance
+    from moejax.offload.importance import gate_weights, substitute
+
+    probs = importance(scores, cfg.router)
+    if not (policy.substitute and policy.alpha > 0):
+        return state, probs, idx, weights
+    if available is None:
+        available = state["table"][m] >= 0
+    experts, changed = substitute(probs, idx, policy.alpha, available, policy.mode, similarity)
+    new_w = gate_weights(scores, experts, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    weights = jnp.where(changed.any(axis=-1, keepdims=True), new_w, weights)  # rows unchanged: bit for bit
+    return _count(state, "substituted", changed.sum()), probs, experts, weights
+
+
+def plan_decode(state, layout: Layout, policy, m: int, experts, pending=None):
+    """A decode step's layer m computes experts [N, k] (after substitution). pending [E]:
+    experts whose transfer is in flight (the stepwise engine's emulated link), neither hits
+    nor fetched again. -> (state after evictions, placements and uses; Fetches; needed
+    (unique experts [U], ok [U]))."""
+    E = layout.experts
+    flat = experts.reshape(-1)
+    U = min(flat.shape[0], E)
+    uniq, ok, n = unique_first(flat, size=U)
+    resident = state["table"][m] >= 0  # [E]
+    landed = resident if pending is None else resident & ~pending
+    miss = ok & ~resident[uniq]
+    fetch, nf = compact(uniq, miss)
+    shield = _owner_mask(state, layout, m, uniq, ok)
+    slots = choose_slots(state, layout, policy, m, nf, shield, U)
+    used_prefetch = jnp.sum(ok & state["prefetched"][m][uniq])
+    state = {**state, "prefetched": state["prefetched"].at[m, jnp.where(ok, uniq, E)].set(False, mode="drop")}
+    state = assign(state, layout, m, fetch, slots, nf)
+    state = touch(state, layout, m, uniq, ok, n)
+    for name, v in (("hits", jnp.sum(ok & landed[uniq])), ("unique", n), ("fetched", nf),
+                    ("routed", flat.shape[0]), ("prefetch_used", used_prefetch)):
+        state = _count(state, name, v)
+    return state, Fetches(fetch, slots, nf), (uniq, ok)
+
+
+def plan_prefetch(state, layout: Layout, policy, m: int, predicted, valid, shield_experts, pending=None):
+    """Speculative loads for MoE layer m: the unique predicted experts [M] (valid entries,
+    in order) not on the device nor on the way, as many as fit without evicting the
+    shielded ones (the current layer's experts: (layer, uniq [U], ok [U])) -> (state, Fetches)."""
+    E = layout.experts
+    uniq, ok, _ = unique_first(predicted, valid, size=min(predicted.shape[0], E))
+    resident = state["table"][m] >= 0
+    if pending is not None:
+        resident = resident | pending
+    want, n_want = compact(uniq, ok & ~resident[uniq])
+    shield = _owner_mask(state, layout, *shield_experts)
+    nf = jnp.minimum(n_want, room(state, layout, m, shield))
+    slots = choose_slots(state, layout, policy, m, nf, shield, uniq.shape[0])
+    state = assign(state, layout, m, want, slots, nf)
+    mark = jnp.where(jnp.arange(want.shape[0]) < nf, want, E)
+    state = {**state, "prefetched": state["prefetched"].at[m, mark].set(True, mode="drop")}
+    state = _count(_count(state, "prefetch_issued", nf), "fetched", nf)
+    return state, Fetches(want, slots, nf)
+
+
+def plan_prefill_group(state, layout: Layout, policy, m: int, group, ok):
+    """Prefill: a group of experts [G] (ok entries, ascending ids) of layer m computed
+    together; the group is shielded, missing ones are fetched. -> (state, Fetches)."""
+    resident = state["table"][m] >= 0
+    fetch, nf = compact(group, ok & ~resident[group])
+    shield = _owner_mask(state, layout, m, group, ok)
+    slots = choose_slots(state, layout, policy, m, nf, shield, group.shape[0])
+    state = assign(state, layout, m, fetch, slots, nf)
+    state = touch(state, layout, m, group, ok, ok.sum())
+    return _count(state, "prefill_fetched", nf), Fetches(fetch, slots, nf)
+
+
+def prefill_groups(layout: Layout) -> tuple[int, int]:
+    """(group size, number of groups) for the prefill of a MoE layer: as many experts at once
+    as a layer's slot range holds."""
+    G = min(layout.share, layout.experts)
+    return G, -(-layout.experts // G)
+
+
+def needed_sorted(idx, valid_tokens, E: int):
+    """Prefill routing idx [N, k] of tokens with valid_tokens [N] -> (experts any valid token
+    routes to, ascending, padded to [E]; their count)."""
+    need = jnp.zeros(E + 1, bool).at[jnp.where(valid_tokens[:, None], idx, E)].set(True)[:-1]
+    return compact(jnp.arange(E, dtype=jnp.int32), need)
