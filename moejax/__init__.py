@@ -1,8 +1,25 @@
 """moejax: importance-driven expert scheduling for MoE inference in JAX/Flax."""
 
-from moejax.api import Model, load
-from moejax.config import MoEConfig
-from moejax.errors import MoejaxError
+import os
+
+
+def _round_every_op() -> None:
+    """XLA may skip bfloat16 roundings inside a fusion ("excess precision"), so the same
+    computation rounds differently in two programs that fuse it differently. The resident
+    model, the fused engine's one program per step and the stepwise engine's small programs
+    must agree bit for bit (alpha 0 = the resident tokens; the engines make the same
+    decisions), so moejax turns that off, as PyTorch rounds after every op. It takes effect
+    if moejax is imported before JAX starts its backend; XLA_FLAGS set by the user win."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_allow_excess_precision" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_allow_excess_precision=false".strip()
+
+
+_round_every_op()
+
+from moejax.api import Model, load  # noqa: E402
+from moejax.config import MoEConfig  # noqa: E402
+from moejax.errors import MoejaxError  # noqa: E402
 
 __all__ = ["Model", "MoEConfig", "MoejaxError", "load"]
 __version__ = "0.1.0"

@@ -125,10 +125,7 @@ class FusedEngine:
     @property
     def t(self) -> Telemetry:
         """Telemetry since the last reset (the device counters are read now)."""
-        c, eb, t = self.counters(), self.store.expert_bytes, self._t
-        t.decode_hits, t.decode_unique, t.substituted, t.routed = c["hits"], c["unique"], c["substituted"], c["routed"]
-        t.transfers, t.bytes_h2d_decode, t.bytes_h2d_prefill = c["fetched"], c["fetched"] * eb, c["prefill_fetched"] * eb
-        t.prefetch_issued, t.prefetch_used = c["prefetch_issued"], c["prefetch_used"]
+        t = self._t.count(self.counters(), self.store.expert_bytes)
         t.peak_device_bytes = max(t.peak_device_bytes, self.device_bytes())
         return t
 
@@ -308,7 +305,8 @@ class FusedEngine:
             generation_loop(prefill, step, prompt, 2, seed)
             warmup_s = time.perf_counter() - t0
             self.reset()
-        self._t = Telemetry()
+        self._t = Telemetry()  # telemetry of this run (the pool stays as it is unless warmed up)
+        self.state = {**self.state, "counters": jax.tree.map(jnp.zeros_like, self.state["counters"])}
         g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
         g.warmup_s = warmup_s
         self._t.ttft_s, self._t.step_s = g.ttft_s, g.step_s

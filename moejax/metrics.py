@@ -28,6 +28,14 @@ class Telemetry:
     # host planning work per MoE layer: classification, substitution, plans (not device waits)
     sched_us: list[float] = field(default_factory=list)
 
+    def count(self, c: dict, expert_bytes: int) -> "Telemetry":
+        """Take the decision counters (`offload.decisions.COUNTERS`, read from the device)."""
+        self.decode_hits, self.decode_unique, self.substituted, self.routed = (
+            c["hits"], c["unique"], c["substituted"], c["routed"])
+        self.transfers, self.prefetch_issued, self.prefetch_used = c["fetched"], c["prefetch_issued"], c["prefetch_used"]
+        self.bytes_h2d_decode, self.bytes_h2d_prefill = c["fetched"] * expert_bytes, c["prefill_fetched"] * expert_bytes
+        return self
+
     @property
     def hit_rate(self) -> float:
         return self.decode_hits / self.decode_unique if self.decode_unique else float("nan")
