@@ -1,10 +1,12 @@
 """PAPER.md sections 1-3 on hand-built score vectors."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.offload import decisions as D
 from moejax.offload.importance import classify, gate_weights, substitute, threshold_s
-from moejax.offload.policies import ScoreEviction
+from moejax.offload.policies import LRU, ScoreEviction, mean_score
 
 
 def _probs(*rows):
@@ -86,12 +88,12 @@ def test_substitutes_distinct_exactly_k_and_never_selected():
     rng = np.random.default_rng(0)
     for _ in range(200):
         logits = rng.normal(size=(3, 16)) * rng.uniform(0.1, 3)
-        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)  # substitute's precision
         k, alpha = 4, rng.uniform(0, 0.9)
         idx = _topk(probs, k)
         avail = set(rng.choice(16, size=rng.integers(0, 16), replace=False).tolist())
-        out, changed = substitute(probs, idx, alpha, avail)
-        S, top = classify(probs, idx, alpha)
+        out, changed = map(np.asarray, substitute(probs, idx, alpha, avail))
+        S, top = map(np.asarray, classify(probs, idx, alpha))
         batch_top = set(idx[top].tolist())
         for n in range(3):
             assert len(set(out[n].tolist())) == k  # k distinct experts
@@ -133,11 +135,81 @@ def test_sigmoid_importance_is_normalised_and_keeps_order():
 
 
 def test_score_eviction_mean_over_window_all_experts():
+    lay = D.Layout(2, 3, 3)  # one pool shared by 2 MoE layers of 3 experts
     pol = ScoreEviction(score_window=2)
-    pol.observe(0, _probs([0.1, 0.5, 0.4]))
-    pol.observe(0, _probs([0.5, 0.1, 0.4]))
-    pol.observe(0, _probs([0.6, 0.3, 0.1]))  # window of 2: first observation drops out
-    assert pol.score((0, 0)) == pytest.approx(0.55) and pol.score((0, 2)) == pytest.approx(0.25)
-    assert pol.victim([(0, 0), (0, 1), (0, 2)]) == (0, 1)  # (0.1 + 0.3) / 2 = 0.2 lowest
-    pol.touch([(1, 0)])
-    assert pol.victim([(1, 1), (1, 0)]) == (1, 1)  # unobserved layer: ties broken by LRU
+    s = D.init_state(lay, score_window=2)
+    s = D.observe(s, 0, _probs([0.1, 0.5, 0.4]))
+    s = D.observe(s, 0, _probs([0.4, 0.2, 0.4], [0.6, 0.0, 0.4]))  # a batch: its mean, [0.5, 0.1, 0.4]
+    s = D.observe(s, 0, _probs([0.6, 0.3, 0.1]))  # window of 2: the first observation drops out
+    assert np.asarray(s["hist_n"]).tolist() == [3, 0]
+    assert np.allclose(np.asarray(s["hist"])[0], [[0.6, 0.3, 0.1], [0.5, 0.1, 0.4]])  # a ring buffer
+    mean = np.asarray(mean_score(s))
+    assert np.allclose(mean[0], [0.55, 0.2, 0.25]) and (mean[1] == 0).all()  # every expert, selected or not
+    # layer 0 holds all three, expert 1 the most recently used (LRU would evict 0);
+    # layer 1 needs a slot: the lowest mean score goes, (0, 1) at (0.1 + 0.3) / 2 = 0.2
+    s = D.plan_decode(s, lay, pol, 0, jnp.array([[0, 2, 1]]))[0]
+    _, f, _ = D.plan_decode(s, lay, pol, 1, jnp.array([[2]]))
+    assert int(f.count) == 1 and int(f.slots[0]) == 2 and np.asarray(s["owner"])[2] == 1
+    assert int(D.plan_decode(s, lay, LRU(), 1, jnp.array([[2]]))[1].slots[0]) == 0  # LRU: (0, 0)
+    # an unobserved layer: every mean is 0, ties go to the least recently used
+    s = D.init_state(lay, score_window=2)
+    s = D.plan_decode(s, lay, pol, 1, jnp.array([[0, 1]]))[0]  # (1, 0) slot 0, (1, 1) slot 1
+    s = D.plan_decode(s, lay, pol, 1, jnp.array([[2, 0]]))[0]  # (1, 2) slot 2; (1, 0) used again
+    _, f, _ = D.plan_decode(s, lay, pol, 0, jnp.array([[0]]))
+    assert int(f.count) == 1 and int(f.slots[0]) == 1  # (1, 1): least recently used
+
+
+def _substitute_reference(probs, idx, alpha, available, mode, similarity):
+    """substitute as it was on the host before the jnp rewrite (sets and Python loops; ties in
+    the order of the low-score experts sorted stably)."""
+    out, changed = idx.copy(), np.zeros(idx.shape, bool)
+    if alpha <= 0:
+        return out, changed
+    N, k = idx.shape
+    S = np.array([max(probs[n, c] for c in range(probs.shape[1]) if c not in idx[n]) for n in range(N)])
+    top = np.array([[probs[n, idx[n, j]] >= (1.0 + alpha) * S[n] for j in range(k)] for n in range(N)])
+    usable = set(available) | {int(idx[n, j]) for n in range(N) for j in range(k) if top[n, j]}
+    for n in range(N):
+        low = [j for j in np.argsort(-probs[n, idx[n]], kind="stable")
+               if not top[n, j] and int(idx[n, j]) not in usable]
+        selected = set(idx[n].tolist())
+        cands = [c for c in usable if c not in selected]
+        if mode != "similarity":
+            cands = [c for c in cands if probs[n, c] > (1.0 - alpha) * S[n]]
+        taken = set()
+        for j in low:
+            e = int(idx[n, j])
+            free = [c for c in cands if c not in taken]
+            if not free:
+                break
+            if mode == "window":
+                best = max(free, key=lambda c: (probs[n, c], -c))
+            else:
+                best = max(free, key=lambda c: (similarity[e, c], probs[n, c], -c))
+            taken.add(best)
+            out[n, j] = best
+            changed[n, j] = True
+    return out, changed
+
+
+def test_substitute_matches_the_host_reference():
+    """100 random batches (N = 3, E = 16, k = 4), every mode in turn, random alpha,
+    availability and similarity: the jnp substitute gives the reference's experts and mask."""
+    rng = np.random.default_rng(1)
+    modes = ("window", "hybrid", "similarity")
+    n_changed = dict.fromkeys(modes, 0)
+    for case in range(100):
+        mode = modes[case % 3]
+        logits = rng.normal(size=(3, 16)) * rng.uniform(0.1, 3)
+        probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+        idx = _topk(probs, 4)
+        alpha = float(rng.uniform(0.05, 0.9))
+        mask = rng.random(16) < rng.uniform(0, 1)
+        sim = rng.random((16, 16)).astype(np.float32)
+        available = mask if case % 2 else set(np.nonzero(mask)[0].tolist())  # both forms
+        want_out, want_changed = _substitute_reference(probs, idx, alpha, set(np.nonzero(mask)[0].tolist()), mode, sim)
+        out, changed = substitute(probs, idx, alpha, available, mode, sim if mode != "window" else None)
+        assert np.asarray(out).tolist() == want_out.tolist(), (case, mode, alpha)
+        assert np.asarray(changed).tolist() == want_changed.tolist(), (case, mode, alpha)
+        n_changed[mode] += int(want_changed.sum())
+    assert min(n_changed.values()) >= 10, n_changed  # the cases do substitute, in every mode

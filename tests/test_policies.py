@@ -1,85 +1,328 @@
-"""Policies and the scheduler on hand-built inputs (no model)."""
+"""Policies and their decisions (moejax.offload.decisions) on hand-built inputs (no model).
 
+Every plan is run eagerly on a small pool; the expected slots, experts and counters are
+worked out by hand in the comments (the clock ticks once per expert use, in first-use order).
+"""
+
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax.offload import decisions as D
 from moejax.offload.policies import LFU, LRU, OnDemand, make_policy
-from moejax.offload.scheduler import choose_victims, plan_layer, plan_prefetch, unique_in_order
+
+
+def _decode(state, layout, policy, m, experts, pending=None):
+    """plan_decode on a nested list of expert ids [N, k] -> (state, fetched experts, their slots, needed)."""
+    state, f, (uniq, ok) = D.plan_decode(state, layout, policy, m, jnp.asarray(experts, jnp.int32), pending)
+    n = int(f.count)
+    assert (np.asarray(f.slots)[n:] == layout.slots).all()  # entries past the count name no slot
+    return state, np.asarray(f.experts)[:n].tolist(), np.asarray(f.slots)[:n].tolist(), (uniq, ok)
+
+
+def _run(state, layout, policy, m, steps):
+    """Several decode steps of MoE layer m, each [N, k]."""
+    for experts in steps:
+        state = _decode(state, layout, policy, m, experts)[0]
+    return state
+
+
+def _counters(state):
+    return {k: int(v) for k, v in state["counters"].items()}
+
+
+def _owner(state, layout):
+    """Slot -> (layer, expert), None if free."""
+    E = layout.experts
+    return [None if o < 0 else (o // E, o % E) for o in np.asarray(state["owner"]).tolist()]
+
+
+def _check_consistent(state, layout):
+    """table and owner describe the same placement."""
+    table, owner = np.asarray(state["table"]), np.asarray(state["owner"])
+    for s, o in enumerate(owner.tolist()):
+        if o >= 0:
+            assert table[o // layout.experts, o % layout.experts] == s
+    for (m, e), s in np.ndenumerate(table):
+        if s >= 0:
+            assert owner[s] == m * layout.experts + e
+    assert (table >= 0).sum() == (owner >= 0).sum()
+
+
+def _mask(E, ids):
+    m = np.zeros(E, bool)
+    m[list(ids)] = True
+    return jnp.asarray(m)
 
 
 def test_lru_evicts_least_recently_used():
-    p = LRU()
-    p.touch([(0, 1), (0, 2), (0, 3)])
-    p.touch([(0, 1)])
-    assert p.victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)
-    assert choose_victims(2, 0, [(0, 1), (0, 2), (0, 3)], set(), p) == [(0, 2), (0, 3)]
+    lay = D.Layout(1, 8, 3)
+    # ticks: 1 -> 1, 2 -> 2, 3 -> 3 (slots 0, 1, 2); then 1 -> 4
+    s = _run(D.init_state(lay), lay, LRU(), 0, [[[1, 2, 3]], [[1]]])
+    assert np.asarray(s["last_use"])[0, 1:4].tolist() == [4, 2, 3] and int(s["clock"]) == 4
+    s1, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[4]])
+    assert fetched == [4] and slots == [1]  # 2 (slot 1) is least recently used
+    assert _owner(s1, lay) == [(0, 1), (0, 4), (0, 3)]
+    # two at once: 2 then 3 go, in LRU order
+    s2, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[5, 4]])
+    assert fetched == [5, 4] and slots == [1, 2]
+    assert _owner(s2, lay) == [(0, 1), (0, 5), (0, 4)]
+    assert np.asarray(s2["table"])[0].tolist() == [-1, 0, -1, -1, 2, 1, -1, -1]
+    _check_consistent(s2, lay)
 
 
 def test_lfu_evicts_least_frequent_then_least_recent():
-    p = LFU()
-    p.touch([(0, 1), (0, 2), (0, 3)])
-    p.touch([(0, 1), (0, 3)])
-    p.touch([(0, 3)])
-    assert p.victim([(0, 1), (0, 2), (0, 3)]) == (0, 2)
-    p.touch([(0, 2)])  # now 1 and 2 both used twice; 1 less recently
-    assert p.victim([(0, 1), (0, 2), (0, 3)]) == (0, 1)
+    lay = D.Layout(1, 8, 3)
+    # ticks 1: 1, 2: 2, 3: 3, 1: 4, 2: 5, 1: 6, 2: 7, 3: 8 -> counts 1: 3, 2: 3, 3: 2
+    s = _run(D.init_state(lay), lay, LFU(), 0, [[[1, 2, 3]], [[1]], [[2]], [[1]], [[2]], [[3]]])
+    assert np.asarray(s["count"])[0, 1:4].tolist() == [3, 3, 2]
+    assert np.asarray(s["last_use"])[0, 1:4].tolist() == [6, 7, 8]
+    # 3 is the most recently used but the least frequent: LFU evicts it, LRU would evict 1
+    assert _decode(s, lay, LFU(), 0, [[4]])[1:3] == ([4], [2])
+    assert _decode(s, lay, LRU(), 0, [[4]])[1:3] == ([4], [0])
+    # 3 used twice more (count 4): 1 and 2 tie at 3 uses, 1 less recently -> 1 goes
+    s = _run(s, lay, LFU(), 0, [[[3]], [[3]]])
+    assert _decode(s, lay, LFU(), 0, [[4]])[1:3] == ([4], [0])
 
 
-def test_plan_layer_hits_fetches_and_shield():
-    p = LRU()
-    p.touch([(1, 5), (0, 0), (0, 1)])  # (1, 5) oldest, but the layer needs it: shielded
-    routed = np.array([[0, 5], [2, 0]])
-    plan = plan_layer(1, routed, resident={0, 5}, pending=set(), policy=p, free=0,
-                      candidates=[(1, 5), (1, 0), (0, 0), (0, 1)])
-    assert plan.needed == [0, 5, 2] and plan.hits == [0, 5] and plan.fetch == [2]
-    assert plan.evict == [(0, 0)]  # (1, 0) and (1, 5) are used by this layer
+def test_lfu_and_lru_ties_go_to_the_lowest_slot():
+    lay = D.Layout(1, 8, 4)
+    # placed without a use: equal keys everywhere
+    s = D.assign(D.init_state(lay), lay, 0, jnp.array([6, 5, 4, 3]), jnp.array([3, 1, 2, 0]), 4)
+    for pol in (LRU(), LFU()):
+        assert _decode(s, lay, pol, 0, [[7, 1]])[1:3] == ([7, 1], [0, 1])
 
 
-def test_plan_layer_uses_free_slots_before_evicting():
-    plan = plan_layer(0, np.array([[1, 2, 3]]), set(), set(), LRU(), free=3, candidates=[(0, 7)])
-    assert plan.fetch == [1, 2, 3] and plan.evict == []
+def test_plan_decode_hits_fetches_and_shield():
+    lay = D.Layout(2, 8, 4)  # one pool shared by both layers
+    s = D.init_state(lay)
+    s = _run(s, lay, LRU(), 1, [[[5]]])  # (1, 5) slot 0, tick 1: the oldest
+    s = _run(s, lay, LRU(), 0, [[[0, 1]]])  # (0, 0) slot 1, (0, 1) slot 2
+    s = _run(s, lay, LRU(), 1, [[[0]]])  # (1, 0) slot 3
+    before = _counters(s)
+    assert before["hits"] == 0 and before["unique"] == 4 and before["fetched"] == 4 and before["routed"] == 4
+    s, fetched, slots, (uniq, ok) = _decode(s, lay, LRU(), 1, [[0, 5], [2, 0]])
+    assert np.asarray(uniq)[np.asarray(ok)].tolist() == [0, 5, 2] and int(np.asarray(ok).sum()) == 3
+    # 0 and 5 are hits; 2 is fetched. (1, 5) is the LRU but this layer uses it, (1, 0) too:
+    # the oldest unshielded one, (0, 0) in slot 1, goes
+    assert fetched == [2] and slots == [1]
+    assert _owner(s, lay) == [(1, 5), (1, 2), (0, 1), (1, 0)]
+    c = _counters(s)
+    assert (c["hits"], c["unique"], c["fetched"], c["routed"]) == (2, 7, 5, 8)
+    assert c["prefetch_issued"] == c["prefetch_used"] == c["prefill_fetched"] == c["substituted"] == 0
+    # every use ticks once, in first-use order: 0 -> 5, 5 -> 6, 2 -> 7
+    assert np.asarray(s["last_use"])[1, [0, 5, 2]].tolist() == [5, 6, 7] and int(s["clock"]) == 7
+    assert np.asarray(s["count"])[1, [0, 5, 2]].tolist() == [2, 2, 1]
+    _check_consistent(s, lay)
 
 
-def test_pending_prefetch_is_waited_for_not_fetched_and_not_a_hit():
-    plan = plan_layer(2, np.array([[4, 6]]), resident={6}, pending={4}, policy=LRU(), free=0, candidates=[])
-    assert plan.wait == [4] and plan.fetch == [] and plan.hits == [6]
+def test_shield_is_per_layer_in_a_global_pool():
+    """A layer's use shields its own (layer, expert) only: another layer's copy of the same
+    expert id is evicted like any other when it is the least recently used."""
+    lay = D.Layout(2, 8, 3)
+    s = _run(D.init_state(lay), lay, LRU(), 1, [[[3]]])  # (1, 3) slot 0, the oldest
+    s = _run(s, lay, LRU(), 0, [[[1, 2]]])  # slots 1, 2
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[3, 1]])
+    assert fetched == [3] and slots == [0]
+    assert _owner(s, lay) == [(0, 3), (0, 1), (0, 2)]
+    assert np.asarray(s["table"])[1, 3] == -1
+    # layer 0's own experts are shielded from it even when the oldest: (0, 2) (tick 3) and
+    # (0, 3) (tick 4) are used now, so (0, 1) (tick 5) goes
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[4, 2, 3]])
+    assert fetched == [4] and slots == [1]
+    assert _owner(s, lay) == [(0, 3), (0, 4), (0, 2)]
+    _check_consistent(s, lay)
 
 
-def test_wrong_prefetch_is_ignored_and_evictable():
-    """Experts prefetched for a layer that then routes elsewhere: no hit, no compute, and
-    the first to go when room is needed."""
-    p = LRU()
-    p.touch([(3, 1), (3, 2)])  # used earlier
-    want, evict = plan_prefetch(3, np.array([[7, 8]]), resident={1, 2}, pending=set(), policy=p, free=2,
-                                candidates=[(3, 1), (3, 2)], shield=set())
-    assert want == [7, 8] and evict == []
-    # the real scores pick 1 and 9: 7 and 8 (prefetched, never used) are not hits
-    plan = plan_layer(3, np.array([[1, 9]]), resident={1, 2, 7, 8}, pending=set(), policy=p, free=0,
-                      candidates=[(3, 1), (3, 2), (3, 7), (3, 8)])
-    assert plan.hits == [1] and plan.fetch == [9]
-    assert plan.evict[0] in {(3, 7), (3, 8)}  # never touched: least recently used
+def test_free_slots_first_lowest_first_then_eviction_order():
+    lay = D.Layout(1, 8, 4)
+    s = D.assign(D.init_state(lay), lay, 0, jnp.array([1, 2]), jnp.array([1, 3]), 2)  # slots 0, 2 free
+    s = D.touch(s, lay, 0, jnp.array([1]), jnp.array([True]), jnp.int32(1))  # 1 more recent than 2
+    assert _decode(s, lay, LRU(), 0, [[5]])[1:3] == ([5], [0])  # a free slot, not an eviction
+    # 3 fetches: the free slots 0 and 2, then the LRU 2 in slot 3; experts in first-use order
+    s2, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[7, 5], [6, 7]])
+    assert fetched == [7, 5, 6] and slots == [0, 2, 3]
+    assert _owner(s2, lay) == [(0, 7), (0, 1), (0, 5), (0, 6)]
+    _check_consistent(s2, lay)
 
 
-def test_prefetch_never_evicts_shielded_and_shrinks_instead():
-    want, evict = plan_prefetch(1, np.array([[4, 5, 6]]), set(), set(), LRU(), free=0,
-                                candidates=[(0, 1), (0, 2)], shield={(0, 1)})
-    assert want == [4] and evict == [(0, 2)]
+def test_fetches_take_ascending_slots_in_first_use_order():
+    lay = D.Layout(1, 8, 6)
+    s = _run(D.init_state(lay), lay, LRU(), 0, [[[0, 1, 2]], [[3, 4, 5]], [[2, 0, 5]]])
+    # last uses: 0: 8, 1: 2, 2: 7, 3: 4, 4: 5, 5: 9 (slot = expert)
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[6, 7], [6, 2], [1, 5]])
+    # 6 and 7 are fetched; 1, the LRU, is a hit and shielded; 3 and 4 go -> slots 3, 4
+    assert fetched == [6, 7] and slots == [3, 4]
+    assert _owner(s, lay) == [(0, 0), (0, 1), (0, 2), (0, 6), (0, 7), (0, 5)]
+    s = _run(s, lay, LRU(), 0, [[[6, 0]]])
+    # last uses: 7 (slot 4): 11, 2 (slot 2): 12, 1: 13, 5: 14, 6: 15, 0: 16. Eviction order:
+    # slot 4, then slot 2; the fetches take them ascending, in first-use order: 4 -> 2, 3 -> 4
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[4, 3]])
+    assert fetched == [4, 3] and slots == [2, 4]
+    assert _owner(s, lay) == [(0, 0), (0, 1), (0, 4), (0, 6), (0, 3), (0, 5)]
+    _check_consistent(s, lay)
 
 
-def test_shielded_pool_too_small_is_an_error():
-    with pytest.raises(RuntimeError):
-        choose_victims(1, 0, [(0, 1)], {(0, 1)}, LRU())
+def test_pending_experts_are_neither_hits_nor_fetched_again():
+    lay = D.Layout(1, 8, 4)
+    s = D.assign(D.init_state(lay), lay, 0, jnp.array([6, 4]), jnp.array([0, 1]), 2)  # 4 still in flight
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[4, 6]], pending=_mask(8, {4}))
+    assert fetched == [] and slots == []
+    c = _counters(s)
+    assert (c["hits"], c["unique"], c["fetched"], c["routed"]) == (1, 2, 0, 2)  # 6 only is a hit
+    assert _owner(s, lay) == [(0, 6), (0, 4), None, None]
+    assert np.asarray(s["last_use"])[0, [4, 6]].tolist() == [1, 2]  # both used
+
+
+def test_wrong_prefetch_is_no_hit_and_evicted_first():
+    """Experts prefetched for a layer that then routes elsewhere: no hit, and the first to go
+    when room is needed (never used)."""
+    lay = D.Layout(4, 16, 5)
+    s = _run(D.init_state(lay), lay, LRU(), 3, [[[1, 2, 3]]])  # slots 0, 1, 2, ticks 1, 2, 3
+    no_shield = (2, jnp.array([0]), jnp.array([False]))
+    s, f = D.plan_prefetch(s, lay, LRU(), 3, jnp.array([1, 7, 7, 9, 8]), jnp.array([True, True, True, False, True]),
+                           no_shield)
+    # unique valid predictions not resident: 7, 8 (1 is resident, 9 not valid) -> free slots 3, 4
+    assert int(f.count) == 2
+    assert np.asarray(f.experts)[:2].tolist() == [7, 8] and np.asarray(f.slots)[:2].tolist() == [3, 4]
+    assert np.asarray(s["prefetched"])[3].nonzero()[0].tolist() == [7, 8] and np.asarray(s["prefetched"]).sum() == 2
+    assert np.asarray(s["last_use"])[3, [7, 8]].tolist() == [0, 0]  # a prefetch is no use
+    c = _counters(s)
+    assert (c["prefetch_issued"], c["fetched"], c["prefetch_used"], c["unique"]) == (2, 5, 0, 3)
+    # the real routing picks 1 and 9: 7 and 8 are not hits; 7 (never used, lowest slot) makes room
+    s2, fetched, slots, _ = _decode(s, lay, LRU(), 3, [[1, 9]])
+    assert fetched == [9] and slots == [3]
+    assert _owner(s2, lay) == [(3, 1), (3, 2), (3, 3), (3, 9), (3, 8)]
+    assert np.asarray(s2["prefetched"])[3].nonzero()[0].tolist() == [8]  # evicted: mark dropped
+    c = _counters(s2)
+    assert (c["hits"], c["unique"], c["fetched"], c["prefetch_used"]) == (1, 5, 6, 0)
+    # a right prefetch: 7 is used, 1 is a plain hit (not prefetched): prefetch_used counts 7 only
+    s3, fetched, _, _ = _decode(s, lay, LRU(), 3, [[7, 1]])
+    assert fetched == []
+    c = _counters(s3)
+    assert (c["hits"], c["unique"], c["fetched"], c["prefetch_used"]) == (2, 5, 5, 1)
+    assert np.asarray(s3["prefetched"])[3].nonzero()[0].tolist() == [8]  # used: no longer prefetched
+    # used once more: prefetch_used does not count it again
+    assert _counters(_decode(s3, lay, LRU(), 3, [[7]])[0])["prefetch_used"] == 1
+    _check_consistent(s3, lay)
+
+
+def test_prefetch_skips_pending_experts():
+    lay = D.Layout(1, 8, 4)
+    s, f = D.plan_prefetch(D.init_state(lay), lay, LRU(), 0, jnp.array([3, 4]), jnp.array([True, True]),
+                           (0, jnp.array([0]), jnp.array([False])), pending=_mask(8, {3}))
+    assert int(f.count) == 1 and int(f.experts[0]) == 4 and int(f.slots[0]) == 0
+
+
+def test_prefetch_never_evicts_shielded_and_loads_fewer():
+    lay = D.Layout(2, 8, 3)
+    s = _run(D.init_state(lay), lay, LRU(), 0, [[[1, 2, 5]]])  # (0, 1), (0, 2), (0, 5): slots 0, 1, 2
+    # layer 0 is computing 1 and 5: one slot only may be taken for layer 1's three predictions
+    s1, f = D.plan_prefetch(s, lay, LRU(), 1, jnp.array([4, 5, 6]), jnp.array([True] * 3),
+                            (0, jnp.array([1, 5, 0]), jnp.array([True, True, False])))
+    assert int(f.count) == 1 and int(f.experts[0]) == 4 and int(f.slots[0]) == 1
+    assert _owner(s1, lay) == [(0, 1), (1, 4), (0, 5)]
+    assert _counters(s1)["prefetch_issued"] == 1 and _counters(s1)["fetched"] == 4
+    assert np.asarray(s1["prefetched"]).nonzero()[0].tolist() == [1] and np.asarray(s1["prefetched"])[1, 4]
+    # all shielded: nothing is loaded, nothing changes
+    s2, f = D.plan_prefetch(s, lay, LRU(), 1, jnp.array([4, 5, 6]), jnp.array([True] * 3),
+                            (0, jnp.array([1, 2, 5]), jnp.array([True, True, True])))
+    assert int(f.count) == 0 and (np.asarray(f.slots) == 3).all()
+    assert _owner(s2, lay) == [(0, 1), (0, 2), (0, 5)] and _counters(s2)["prefetch_issued"] == 0
+    assert not np.asarray(s2["prefetched"]).any()
+
+
+def test_ondemand_release_frees_slots():
+    pol = OnDemand()
+    assert pol.reuse is False
+    lay = D.Layout(2, 8, 4)
+    s = D.init_state(lay)
+    s, fetched, slots, needed = _decode(s, lay, pol, 1, [[3, 5]])
+    assert fetched == [3, 5] and slots == [0, 1]
+    s = D.release(s, lay, 1, *needed)
+    assert _owner(s, lay) == [None] * 4 and (np.asarray(s["table"]) == -1).all()
+    s, fetched, slots, needed = _decode(s, lay, pol, 1, [[5, 3]])  # fetched again, no hit
+    assert fetched == [5, 3] and slots == [0, 1]
+    c = _counters(s)
+    assert (c["hits"], c["unique"], c["fetched"]) == (0, 4, 4)
+    # release touches only the given layer's experts
+    s = _run(s, lay, pol, 0, [[[5]]])  # (0, 5) into slot 2
+    s = D.release(s, lay, 1, *needed)
+    assert _owner(s, lay) == [None, None, (0, 5), None]
+    _check_consistent(s, lay)
+
+
+def test_per_layer_layout_keeps_each_layer_in_its_range():
+    lay = D.Layout(2, 8, 4, per_layer=True)
+    assert lay.share == 2 and lay.range(0) == (0, 2) and lay.range(1) == (2, 4)
+    s = _run(D.init_state(lay), lay, LRU(), 0, [[[1, 2]]])  # slots 0, 1
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 1, [[1]])
+    assert slots == [2]  # layer 1's first free slot, not layer 0's
+    # slot 3 is free but belongs to layer 1: layer 0 evicts its own LRU (1, slot 0)
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[5]])
+    assert fetched == [5] and slots == [0]
+    assert _owner(s, lay) == [(0, 5), (0, 2), (1, 1), None]
+    # (1, 1) (tick 3) is older than (0, 5) (tick 4), yet layer 0 never evicts it
+    s, fetched, slots, _ = _decode(s, lay, LRU(), 0, [[6, 7]])
+    assert slots == [0, 1] and _owner(s, lay) == [(0, 6), (0, 7), (1, 1), None]
+    s, _, slots, _ = _decode(s, lay, LRU(), 1, [[2, 3]])
+    assert slots == [2, 3]  # the free slot 3 and (1, 1)'s slot 2, ascending
+    assert _owner(s, lay)[2:] == [(1, 2), (1, 3)]
+    _check_consistent(s, lay)
+
+
+def test_prefill_group_is_shielded_and_counted_apart():
+    lay = D.Layout(2, 8, 3)
+    s = _run(D.init_state(lay), lay, LRU(), 1, [[[0]]])  # (1, 0) slot 0, the oldest
+    s = _run(s, lay, LRU(), 0, [[[1, 2]]])  # slots 1, 2
+    before = _counters(s)
+    s, f = D.plan_prefill_group(s, lay, LRU(), 1, jnp.array([0, 4, 6]), jnp.array([True, True, False]))
+    # 0 is resident and in the group: shielded though the oldest; 4 takes (0, 1)'s slot
+    assert int(f.count) == 1 and int(f.experts[0]) == 4 and int(f.slots[0]) == 1
+    assert _owner(s, lay) == [(1, 0), (1, 4), (0, 2)]
+    c = _counters(s)
+    assert c["prefill_fetched"] == 1 and {k: v for k, v in c.items() if k != "prefill_fetched"} == {
+        k: v for k, v in before.items() if k != "prefill_fetched"}
+    assert np.asarray(s["last_use"])[1, [0, 4, 6]].tolist() == [4, 5, 0]  # the group is used; 6 not ok
+    # a group of missing experts takes the free slots, lowest first
+    lay = D.Layout(1, 8, 3)
+    s = D.assign(D.init_state(lay), lay, 0, jnp.array([5]), jnp.array([1]), 1)
+    s, f = D.plan_prefill_group(s, lay, LRU(), 0, jnp.array([1, 2, 3]), jnp.array([True, True, False]))
+    assert np.asarray(f.experts)[:2].tolist() == [1, 2] and np.asarray(f.slots)[:2].tolist() == [0, 2]
+    assert _counters(s)["prefill_fetched"] == 2 and _counters(s)["fetched"] == 0
+
+
+def test_prefill_groups_and_needed_sorted():
+    assert D.prefill_groups(D.Layout(2, 8, 5)) == (5, 2)
+    assert D.prefill_groups(D.Layout(2, 8, 6, per_layer=True)) == (3, 3)
+    assert D.prefill_groups(D.Layout(1, 8, 20)) == (8, 1)
+    ids, n = D.needed_sorted(jnp.array([[5, 1], [1, 3], [7, 6]]), jnp.array([True, True, False]), 8)
+    assert int(n) == 3 and np.asarray(ids)[:3].tolist() == [1, 3, 5]
+
+
+def test_unique_first_and_compact():
+    uniq, ok, n = D.unique_first(jnp.array([3, 1, 3, 2, 1]))
+    assert np.asarray(uniq).tolist() == [3, 1, 2, 0, 0] and np.asarray(ok).tolist() == [True] * 3 + [False] * 2
+    assert int(n) == 3
+    # invalid entries are skipped, and do not hide a later valid copy of the same id
+    uniq, ok, n = D.unique_first(jnp.array([5, 3, 5, 7, 3]), jnp.array([False, True, True, True, True]), size=4)
+    assert np.asarray(uniq).tolist() == [3, 5, 7, 0] and np.asarray(ok).tolist() == [True, True, True, False]
+    assert int(n) == 3
+    vals, n = D.compact(jnp.array([10, 11, 12, 13]), jnp.array([False, True, False, True]))
+    assert np.asarray(vals).tolist() == [11, 13, 10, 12] and int(n) == 2
 
 
 def test_registry_and_ondemand_flags():
     assert make_policy("ondemand").reuse is False and isinstance(make_policy("ondemand"), OnDemand)
     assert make_policy("lru-prefetch").prefetch == "next-layer-gate"
-    assert unique_in_order(np.array([[3, 1], [1, 2]])) == [3, 1, 2]
+    assert make_policy("smoe").prefetch == "top-score" and make_policy("smoe").substitute
+    assert make_policy("score", score_window=4).needs_probs and make_policy("score", score_window=4).score_window == 4
+    assert make_policy("lru") == LRU() and make_policy("lru") != LFU()  # static jit arguments
+    with pytest.raises(KeyError):
+        make_policy("nope")
 
 
 def _transfer(t, nbytes=1000):
-    import jax.numpy as jnp
-
     from moejax.offload.store import Transfer
 
     return Transfer((0, 0), jnp.zeros(1), nbytes, t, "prefetch")
