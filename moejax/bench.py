@@ -34,8 +34,9 @@ def prompt_tokens(tokenizer, vocab: int, batch: int, length: int, seed: int = 0)
 
 def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str], new_tokens: int = 32,
               prompt_len: int = 16, trials: int = 3, settings: dict | None = None,
-              progress: bool = True, parts=None, engine: str = "fused") -> list[dict]:
-    """engine: "fused" or "stepwise" (see moejax.engine.make_engine; an emulated link needs stepwise)."""
+              progress: bool = True, parts=None, engines: tuple[str, ...] = ("fused",)) -> list[dict]:
+    """engines: "fused" and/or "stepwise" (moejax.engine.make_engine; an emulated link needs
+    stepwise), each with every policy but resident, trials interleaved across all of them."""
     from tqdm.auto import tqdm
 
     import moejax
@@ -50,35 +51,38 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     resident = moejax.load(path) if "resident" in policies else None
     parts = parts or load_parts(path)  # one host copy of the experts, shared by every engine
     records = []
-    total = len(budgets) * len(batches) * trials * len(policies)
+    runs_of = [("none", "resident")] if "resident" in policies else []
+    runs_of += [(k, p) for k in engines for p in policies if p != "resident"]
+    total = len(budgets) * len(batches) * trials * len(runs_of)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
     for spec_text, spec in budgets:
         for batch in batches:
             prompt = prompt_tokens(tok, cfg.vocab_size, batch, prompt_len)
-            engines = {p: make_engine(engine, path, p, spec, batch=batch, cache_len=S, parts=parts,
-                                      **(settings or {}))
-                       for p in policies if p != "resident"}
-            runs: dict[str, list] = {p: [] for p in policies}
+            built = {(k, p): make_engine(k, path, p, spec, batch=batch, cache_len=S, parts=parts, **(settings or {}))
+                     for k, p in runs_of if p != "resident"}
+            runs: dict[tuple, list] = {kp: [] for kp in runs_of}
             for trial in range(trials):
-                for p in policies:
+                for kp in runs_of:
+                    p = kp[1]
                     if p == "resident":
                         g = resident.generate(prompt, new_tokens, warmup=trial == 0)
                         stats = {"hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "bytes_h2d_prefill": 0,
                                  "transfers": 0, "prefetch_precision": float("nan"), "sched_us_median": 0.0}
                     else:
-                        e = engines[p]
+                        e = built[kp]
                         e.reset()
                         g = e.generate(prompt, new_tokens, warmup=trial == 0)
                         stats = e.t.summary()
-                    runs[p].append((g, stats))
+                    runs[kp].append((g, stats))
                     bar.update()
-            for p in policies:
-                gens = [g for g, _ in runs[p]]
-                stats = runs[p][-1][1]  # counters are deterministic across trials
+            for kp in runs_of:
+                kind, p = kp
+                gens = [g for g, _ in runs[kp]]
+                stats = runs[kp][-1][1]  # counters are deterministic across trials
                 steps = len(gens[-1].step_s)
-                plan = engines[p].plan if p != "resident" else None
+                plan = built[kp].plan if p != "resident" else None
                 records.append({
-                    "policy": p, "engine": "none" if p == "resident" else engine, "batch": batch,
+                    "policy": p, "engine": kind, "batch": batch,
                     "budget": spec_text,
                     "budget_bytes": plan.budget_bytes if plan else None,
                     "pool_slots": plan.pool_slots if plan else cfg.num_experts * len(cfg.moe_layer_ids),
@@ -92,7 +96,8 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     "prefetch_precision": stats["prefetch_precision"],
                     "sched_us_median": stats["sched_us_median"],
                     "new_tokens": new_tokens, "prompt_len": prompt_len, "trials": trials,
-                    "link": engines[p].link.describe() if p != "resident" else "none",
+                    "link": built[kp].link.describe() if p != "resident" else "none",
+                    "program_bytes": plan.program_bytes if plan else 0,
                     "prefetch_dropped": stats.get("prefetch_dropped", 0),
                     "alpha": (settings or {}).get("alpha", 0.0),
                     "substitute": (settings or {}).get("substitute", "window"),

@@ -128,6 +128,8 @@ def cmd_decode(args) -> None:
         from moejax.engine import make_engine
 
         engine = make_engine(kind, path, policy, spec, batch=1, cache_len=S, **settings)
+        if hasattr(engine, "prepare"):  # compile first: the plan budgets the programs' temporaries
+            engine.prepare(len(prompt), args.temperature, args.top_p)
         plan = engine.plan
     subst = f", alpha {args.alpha:g}, substitute {args.substitute}" if policy in ("score-sub", "smoe") else ""
     print(f"model {cfg.model_type} ({args.model or path}), {dtype}; policy {policy}{subst}; engine {kind}; "
@@ -159,10 +161,14 @@ def cmd_decode(args) -> None:
         stats = engine.t.summary()
     sys.stdout.write("\n")
     tokens = g.tokens[0]
+    # the fused engine compiled before the plan was printed (its own clock); otherwise the
+    # warm-up (compilation plus a two-token run) is the compile time
+    compile_s = getattr(engine, "compile_s", 0.0) if policy != "resident" else 0.0
+    compile_s = compile_s or g.warmup_s
     tps = 1e3 / g.tpot_ms if g.step_s else float("nan")
     print(f"{len(tokens)} tokens | engine {kind} | hit rate {stats['hit_rate']:.3f} | "
           f"moved {stats['bytes_h2d'] / 2**20:.1f} MiB in {stats['transfers']} transfers | "
-          f"TTFT {stats['ttft_ms']:.1f} ms | TPOT {g.tpot_ms:.2f} ms ({tps:.1f} tok/s) | compile {g.warmup_s:.1f} s",
+          f"TTFT {stats['ttft_ms']:.1f} ms | TPOT {g.tpot_ms:.2f} ms ({tps:.1f} tok/s) | compile {compile_s:.1f} s",
           file=sys.stderr)
     if args.json:
         write_json(args.json, {
@@ -170,7 +176,7 @@ def cmd_decode(args) -> None:
             "engine": kind,
             "alpha": args.alpha if subst else 0.0, "substitute": args.substitute if subst else None,
             "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots,
-            "pool_share": plan.pool_share, **stats, "compile_s": g.warmup_s, "model": str(path),
+            "pool_share": plan.pool_share, **stats, "compile_s": compile_s, "model": str(path),
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         })
 
@@ -199,7 +205,12 @@ def cmd_bench(args) -> None:
             raise MoejaxError(f"--policies: {p!r} is not one of {', '.join(ALL_NAMES)}")
     if args.trials < 1 or args.new_tokens < 2:
         raise MoejaxError("--trials must be >= 1 and --new-tokens >= 2")
-    kind = engine_kind(args)
+    asked = args.engine.split(",") if args.engine else [None]
+    kinds = [engine_kind(argparse.Namespace(engine=k, link=args.link)) for k in asked]
+    if any(k not in ("fused", "stepwise") for k in kinds):
+        raise MoejaxError(f"--engine {args.engine!r}: expected fused, stepwise or fused,stepwise")
+    kinds = list(dict.fromkeys(kinds))
+    kind = ",".join(kinds)
     path = resolve(args.model or bundled_model())
     from moejax import checkpoint
 
@@ -214,7 +225,7 @@ def cmd_bench(args) -> None:
     print(f"engine {kind}; link: {link.describe()}" + (f" (measured host -> device: {bw / 1e9:.2f} GB/s per "
                                                        "expert fetch)" if bw else ""), file=sys.stderr)
     records = run_bench(path, budgets, batches, policies, args.new_tokens, args.prompt_len, args.trials,
-                        {**settings, "link": link}, parts=parts, engine=kind)
+                        {**settings, "link": link}, parts=parts, engines=tuple(kinds))
     meta = {**machine(), "model": str(args.model or path), "command": "moejax " + " ".join(sys.argv[1:]),
             "engine": kind, "link": link.describe(), "h2d_bytes_per_s": bw}
     write_json(args.json, {"meta": meta, "records": records})
@@ -427,8 +438,12 @@ def _link(args, parts):
     return parse_link(getattr(args, "link", "real"))
 
 
-def _engine_flags(p, stepwise_only: bool = False) -> None:
-    if stepwise_only:
+def _engine_flags(p, stepwise_only: bool = False, several: bool = False) -> None:
+    if several:
+        p.add_argument("--engine", default=None,
+                       help="fused (default), stepwise, or fused,stepwise to compare them side by side in one "
+                            "run; an emulated --link runs stepwise")
+    elif stepwise_only:
         p.add_argument("--engine", choices=["stepwise"], default="stepwise",
                        help="stepwise only: recording is a research hook of the stepwise engine")
     else:
@@ -483,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--link", default="real", help="'real' (device_put as it is), 'emulated:BW,LAT', e.g. "
                    "emulated:2GB/s,10us (one transfer at a time, each at least LAT + bytes/BW), or "
                    "'emulated:paper' (the paper's transfer/compute ratio, see docs/benchmarks.md)")
-    _engine_flags(b)
+    _engine_flags(b, several=True)
     b.add_argument("--json", required=True, help="write the records here")
     b.add_argument("--markdown", help="also write the markdown table here")
     b.add_argument("--figure", help="also write TPOT and hit rate per policy as a PNG")

@@ -66,8 +66,11 @@ def _attn_route(graphdef, state, x, kv, pos):
 
 @partial(jax.jit, static_argnums=(0, 1))
 def _substitute(cfg, policy, state, m, scores, weights, idx, similarity, pending):
+    """-> (state, importance [N, E], experts [N, k], their weights [N, k])."""
+    probs = moe.importance(scores, cfg.router)
     available = (state["table"][m] >= 0) & ~pending
-    return D.substitute_layer(state, cfg, policy, m, scores, weights, idx, similarity, available)
+    state, experts, changed = D.substitute_layer(state, policy, m, probs, idx, similarity, available)
+    return state, probs, experts, D.reweigh(cfg, scores, experts, changed, weights)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -162,6 +165,7 @@ class OffloadEngine:
         self.plan: BudgetPlan = plan_budget(cfg, np.dtype(self.dtype).itemsize, batch, cache_len, budget,
                                             prefetch=self.policy.prefetch is not None)
         self.layout = D.Layout(len(self.moe_ids), cfg.num_experts, self.plan.pool_slots, per_layer)
+        self.layout.check(min(batch * cfg.top_k, cfg.num_experts))
         self.compile_s = 0.0  # compilation happens inside the warm-up (Generation.warmup_s)
         self._dense_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(self.module)))
         m = self.module

@@ -102,6 +102,7 @@ class FusedEngine:
     def _build(self, plan: BudgetPlan) -> None:
         self.plan = plan
         self.layout = D.Layout(len(self.moe_ids), self.config.num_experts, plan.pool_slots, self.per_layer)
+        self.layout.check(min(self.batch * self.config.top_k, self.config.num_experts))
         self.compiled_programs = {}
         self.full = plan.pool_slots == plan.total_experts and self.policy.reuse  # nothing is ever evicted
         self.reset()
@@ -157,7 +158,9 @@ class FusedEngine:
             out = dense + moe.experts_indexed(h, pool, m * cfg.num_experts + idx, weights)
             return x + out.reshape(x.shape), kv, pool, state
         sim = None if self.similarity is None else self.similarity[m]
-        state, probs, experts, weights = D.substitute_layer(state, cfg, pol, m, scores, weights, idx, sim)
+        probs = moe.importance(scores, cfg.router)
+        state, experts, changed = D.substitute_layer(state, pol, m, probs, idx, sim)
+        weights = D.reweigh(cfg, scores, experts, changed, weights)
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
             slots = state["table"][m][experts]  # [N, k]
@@ -269,21 +272,29 @@ class FusedEngine:
         self.kv = list(kv)
         return tok, logits
 
-    def prefill(self, padded: np.ndarray, T: int, key, temperature=0.0, top_p=1.0):
-        """padded [B, Tp] prompt (T real tokens) -> (first token [B], logits [B, V]). Compiles
-        the decode program first, so that a pool resized for its temporaries never drops
-        state in the middle of a sequence."""
-        if padded.shape[1] > self.cache_len:
-            raise ValueError(f"prompt of {padded.shape[1]} tokens exceeds the engine's cache of {self.cache_len}")
-        temperature, top_p = float(temperature), float(top_p)
+    def prepare(self, prompt_len: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
+        """Compile the decode program and the prefill program for prompts of this length now,
+        so that the plan (which budgets their temporaries) is final before anything runs. A
+        pool resized for the temporaries starts over empty, never in the middle of a sequence."""
+        from moejax.generate import pad_prompt
+
+        padded = pad_prompt(np.zeros((self.batch, prompt_len), np.int32))
+        key, temperature, top_p = jax.random.PRNGKey(0), float(temperature), float(top_p)
         for _ in range(4):
             try:
                 self._ensure("decode", self._args(np.zeros(self.batch, np.int32), 0, key), temperature, top_p)
-                self._ensure("prefill", self._args(padded, T, key), temperature, top_p)
-                break
+                self._ensure("prefill", self._args(padded, prompt_len, key), temperature, top_p)
+                return
             except _Rebuilt:
                 continue
-        return self._run("prefill", padded, T, key, temperature, top_p)
+        raise RuntimeError("the expert pool did not settle next to the programs' temporaries")
+
+    def prefill(self, padded: np.ndarray, T: int, key, temperature=0.0, top_p=1.0):
+        """padded [B, Tp] prompt (T real tokens) -> (first token [B], logits [B, V])."""
+        if padded.shape[1] > self.cache_len:
+            raise ValueError(f"prompt of {padded.shape[1]} tokens exceeds the engine's cache of {self.cache_len}")
+        self.prepare(T, temperature, top_p)
+        return self._run("prefill", padded, T, key, float(temperature), float(top_p))
 
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
         """token [B] at position pos -> (next token [B], logits [B, V])."""

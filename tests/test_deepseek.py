@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 import moejax  # noqa: E402
 from moejax.config import MoEConfig  # noqa: E402
 from moejax.convert import convert  # noqa: E402
-from moejax.engine import OffloadEngine  # noqa: E402
+from moejax.engine import OffloadEngine, make_engine  # noqa: E402
 from moejax.errors import ConversionError, UnsupportedConfig  # noqa: E402
 from moejax.offload.policies import POLICIES  # noqa: E402
 from test_parity import compare  # noqa: E402
@@ -149,23 +149,28 @@ def test_every_policy_exact_at_alpha_zero_quarter_budget(engine_models, name):
     assert len(model.config.moe_layer_ids) == 2  # prefetching policies have a next layer to predict
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 7))
     ref = model.generate(prompt, NEW)
-    for policy in POLICIES:
-        e = OffloadEngine(path, policy, ("pct", 0.25), cache_len=64, alpha=0.0)
+    runs = [("stepwise", p) for p in POLICIES] + [("fused", "lru"), ("fused", "smoe")]
+    for kind, policy in runs:
+        e = make_engine(kind, path, policy, ("pct", 0.25), cache_len=64, alpha=0.0)
         g = e.generate(prompt, NEW)
-        assert g.tokens == ref.tokens, policy
-        assert e.t.substituted == 0 and e.t.peak_device_bytes <= e.plan.budget_bytes, policy
-        assert e.t.decode_unique > e.t.decode_hits, policy  # the quarter pool really missed
+        assert g.tokens == ref.tokens, (kind, policy)
+        assert e.t.substituted == 0 and e.t.peak_device_bytes <= e.plan.budget_bytes, (kind, policy)
+        assert e.t.decode_unique > e.t.decode_hits, (kind, policy)  # the quarter pool really missed
 
 
 @pytest.mark.parametrize("name", sorted(ENGINE_MODELS))
 def test_smoe_substitutes_within_budget(engine_models, name):
     path, model = engine_models[name]
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, 7))
-    e = OffloadEngine(path, "smoe", ("pct", 0.5), cache_len=64, alpha=0.5)
-    g = e.generate(prompt, NEW)
-    assert len(g.tokens[0]) == NEW and e.t.substituted > 0
-    assert e.t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
-    assert e.t.peak_device_bytes <= e.plan.budget_bytes
+    out = {}
+    for kind in ("stepwise", "fused"):  # sigmoid routers, group-limited selection: the same decisions
+        e = make_engine(kind, path, "smoe", ("pct", 0.5), cache_len=64, alpha=0.5)
+        g = e.generate(prompt, NEW)
+        assert len(g.tokens[0]) == NEW and e.t.substituted > 0
+        assert e.t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
+        assert e.t.peak_device_bytes <= e.plan.budget_bytes
+        out[kind] = (g.tokens, e.t.decode_hits, e.t.substituted, e.t.transfers, e.t.prefetch_issued)
+    assert out["fused"] == out["stepwise"]
 
 
 # ---- the released checkpoints' config.json files (as on the hub, abridged of auto_map) -----

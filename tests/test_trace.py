@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 
 import moejax  # noqa: E402
 from moejax.cli import main  # noqa: E402
-from moejax.engine import OffloadEngine  # noqa: E402
+from moejax.engine import OffloadEngine, make_engine  # noqa: E402
 from moejax.eval.trace import Trace, TraceRecorder, replay  # noqa: E402
 from tiny import hf_config  # noqa: E402
 
@@ -22,16 +22,23 @@ def model(tiny_store):
 @pytest.mark.parametrize("policy,alpha,pct", [("lru", 0.0, 0.25), ("lfu", 0.0, 0.25), ("ondemand", 0.0, 0.5),
                                                ("score", 0.0, 0.25), ("score-sub", 0.5, 0.25), ("lru", 0.0, 0.5)])
 def test_replay_reproduces_engine(model, tmp_path, policy, alpha, pct):
+    """The three drivers of one definition of the policies -- the stepwise engine, trace
+    replay and (for a subset, it compiles) the fused engine -- agree on every count."""
     path, m = model
     prompt = np.random.default_rng(2).integers(0, m.config.vocab_size, (1, 9))
     e = OffloadEngine(path, policy, ("pct", pct), cache_len=64, alpha=alpha)
     e.recorder = TraceRecorder()
-    e.generate(prompt, 16)
+    g = e.generate(prompt, 16)
     e.recorder.save(tmp_path / "t.npz", m.config, 1)
     r = replay(Trace(tmp_path / "t.npz", m.config), policy, e.plan.pool_slots, alpha=alpha)
     assert r["hit_rate"] == e.t.hit_rate
     assert r["transfers"] == e.t.transfers
-    assert r["substitution_rate"] == pytest.approx(e.t.substitution_rate)
+    assert r["substitution_rate"] == e.t.substitution_rate
+    if pct == 0.25 and policy in ("lru", "score-sub"):
+        f = make_engine("fused", path, policy, ("pct", pct), cache_len=64, alpha=alpha)
+        assert f.generate(prompt, 16).tokens == g.tokens
+        assert (f.t.hit_rate, f.t.transfers, f.t.substituted, f.t.bytes_h2d_prefill) == (
+            e.t.hit_rate, e.t.transfers, e.t.substituted, e.t.bytes_h2d_prefill)
     if alpha == 0:
         b = replay(Trace(tmp_path / "t.npz"), "belady", e.plan.pool_slots)
         assert b["hit_rate"] >= r["hit_rate"]  # the offline optimum bounds every non-substituting cache

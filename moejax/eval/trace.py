@@ -2,9 +2,10 @@
 
 A trace holds, per MoE layer, the prompt's routed expert ids (prefill) and, per decode step,
 the routed ids [N, k] and the router probabilities over all experts [N, E]. Replaying a
-policy runs the same scheduler, policy and pool bookkeeping as the engine (no arrays), so
-for policies that need nothing but the routing (ondemand, lru, lfu, score, score-sub) the
-replayed hit rate equals the engine's on the same run exactly (a test holds it to that).
+policy runs the engines' own decisions (`offload.decisions`: substitution, plan, score
+window, on-demand release) on the recorded routing, without the model, so for policies that
+need nothing but the routing (ondemand, lru, lfu, score, score-sub) the replayed counts
+equal both engines' on the same run exactly (tests hold them to that).
 Policies that prefetch need the model's hidden states and are not replayable. `belady`
 (evict the expert whose next use is furthest away) is the offline optimum for any cache
 that does not substitute: the bound the paper's substitution can beat.
@@ -13,15 +14,16 @@ that does not substitute: the bound the paper's substitution can beat.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax.errors import MoejaxError
-from moejax.offload.cache import ExpertPool
-from moejax.offload.importance import substitute
-from moejax.offload.policies import LRU, POLICIES, make_policy
-from moejax.offload.scheduler import choose_victims, plan_layer, unique_in_order
+from moejax.offload import decisions as D
+from moejax.offload.policies import POLICIES, make_policy
 
 REPLAYABLE = ("ondemand", "lru", "lfu", "score", "score-sub", "belady")
 
@@ -83,109 +85,85 @@ class Trace:
         return self.meta["num_experts"] * len(self.layers)
 
 
-class Belady(LRU):
-    """Offline optimum without substitution: evict the expert used again furthest in the future."""
-
-    name = "belady"
-
-    def __init__(self, future: dict[tuple[int, int], list[int]], **kw):
-        super().__init__(**kw)
-        self.future, self.now = future, 0
-
-    def victim(self, candidates):
-        def next_use(k):
-            times = self.future.get(k, [])
-            i = np.searchsorted(times, self.now, side="right")
-            return times[i] if i < len(times) else np.inf
-
-        return max(candidates, key=lambda k: (next_use(k), -self.last_use.get(k, 0)))
+NEVER = 2**30  # "not used again" for belady's next-use times
 
 
-def _accesses(trace: Trace) -> dict[tuple[int, int], list[int]]:
-    """Time of every use of every expert: prefill layers, then decode (step, layer)."""
-    out: dict[tuple[int, int], list[int]] = {}
-    t = 0
-    for l in trace.layers:
-        t += 1
-        for e in unique_in_order(trace.prefill[l]):
-            out.setdefault((l, e), []).append(t)
-    for s in range(trace.idx.shape[0]):
-        for j, l in enumerate(trace.layers):
-            t += 1
-            for e in unique_in_order(trace.idx[s, j]):
-                out.setdefault((l, e), []).append(t)
+def next_uses(trace: Trace) -> np.ndarray:
+    """[T, L, E]: for each decision time t (prefill layers, then decode steps x layers), the
+    next time after t that each expert is used (NEVER if it is not): belady's eviction key."""
+    L, E = len(trace.layers), trace.meta["num_experts"]
+    used = [np.isin(np.arange(E), trace.prefill[l]) for l in trace.layers]
+    used += [np.isin(np.arange(E), trace.idx[s, j]) for s in range(trace.idx.shape[0]) for j in range(L)]
+    T = len(used)
+    out = np.full((T, L, E), NEVER, np.int32)
+    nxt = np.full((L, E), NEVER, np.int32)
+    for t in range(T - 1, -1, -1):
+        out[t] = nxt
+        nxt = nxt.copy()
+        nxt[t % L if t < L else (t - L) % L][used[t]] = t
     return out
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _decode(layout, policy, state, m, idx, probs):
+    """One decode step of one layer, as both engines decide it."""
+    state, experts, _ = D.substitute_layer(state, policy, m, probs, idx)
+    state, _, needed = D.plan_decode(state, layout, policy, m, experts)
+    if policy.needs_probs:
+        state = D.observe(state, m, probs)
+    if not policy.reuse:
+        state = D.release(state, layout, m, *needed)
+    return state
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _prefill_group(layout, policy, state, m, group, ok):
+    return D.plan_prefill_group(state, layout, policy, m, group, ok)[0]
 
 
 def replay(trace: Trace, policy: str, slots: int, per_layer: bool = False, alpha: float = 0.0,
            score_window: int = 16) -> dict:
-    """Simulate one policy at one pool size; mirrors OffloadEngine's prefill and decode."""
+    """Simulate one policy at one pool size with the engines' decisions."""
     if policy not in REPLAYABLE:
         raise MoejaxError(f"policy {policy!r} cannot be replayed from a trace (replayable: {', '.join(REPLAYABLE)})")
     E, k = trace.meta["num_experts"], trace.meta["top_k"]
     need = min(trace.meta["batch"] * k, E)
     if slots < need:
         raise MoejaxError(f"a pool of {slots} slots is below the {need} one step needs")
-    settings = dict(alpha=alpha, mode="window", score_window=score_window)
-    pol = Belady(_accesses(trace), **settings) if policy == "belady" else make_policy(policy, **settings)
-    pool = ExpertPool(slots, (), None, trace.layers, E, per_layer, device=False)
-    loads = hits = unique = substituted = routed = 0
+    pol = make_policy(policy, alpha, "window", score_window)
+    L = len(trace.layers)
+    layout = D.Layout(L, E, slots, per_layer)
+    layout.check(need)
+    state = D.init_state(layout, score_window)
+    future = next_uses(trace) if policy == "belady" else None
     t = 0
 
-    def candidates(layer):
-        keys = pool.keys_in_range(layer)
-        return keys, sum(pool.key_of[s] is None for s in pool.slot_range(layer))
+    def at(t, state):
+        return {**state, "next_use": jnp.asarray(future[t])} if future is not None else state
 
-    for l in trace.layers:  # prefill, as OffloadEngine._moe_prefill
-        t += 1
-        pol.now = t
-        needed = unique_in_order(trace.prefill[l])
-        resident = pool.resident(l)
-        order = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
-        G = min(len(pool.slot_range(l)), E)
-        for start in range(0, len(order), G):
-            group = order[start:start + G]
-            shield = {(l, e) for e in group}
-            keys, free = candidates(l)
-            missing = [e for e in group if (l, e) not in pool.slot_of]
-            for key in choose_victims(len(missing), free, keys, shield, pol):
-                pool.evict(key)
-            for e in missing:
-                pool.put((l, e), pool.free_slot(l), None)
-            pol.touch(sorted(shield, key=lambda key: group.index(key[1])))
+    G, _ = D.prefill_groups(layout)
+    for m, l in enumerate(trace.layers):  # prefill, as the engines: needed experts in id order, in groups
+        needed = np.unique(trace.prefill[l]).astype(np.int32)
+        for start in range(0, len(needed), G):
+            group = np.zeros(G, np.int32)
+            part = needed[start:start + G]
+            group[: len(part)] = part
+            state = _prefill_group(layout, pol, at(t, state), np.int32(m), group, np.arange(G) < len(part))
         if not pol.reuse:
-            for e in needed:
-                if (l, e) in pool.slot_of:
-                    pool.evict((l, e))
-    for s in range(trace.idx.shape[0]):  # decode, as OffloadEngine._moe_decode
-        for j, l in enumerate(trace.layers):
+            ids = np.zeros(E, np.int32)
+            ids[: len(needed)] = needed
+            state = D.release(state, layout, m, jnp.asarray(ids), jnp.arange(E) < len(needed))
+        t += 1
+    probs = trace.probs if trace.probs is not None else np.zeros((*trace.idx.shape[:3], E), np.float32)
+    for s in range(trace.idx.shape[0]):
+        for m in range(L):
+            state = _decode(layout, pol, at(t, state), np.int32(m), trace.idx[s, m], probs[s, m])
             t += 1
-            pol.now = t
-            idx, probs = trace.idx[s, j], (trace.probs[s, j] if trace.probs is not None else None)
-            resident = pool.resident(l)
-            experts = idx
-            if pol.substitute and alpha > 0:
-                experts, changed = substitute(probs, idx, alpha, resident, "window")
-                substituted += int(changed.sum())
-            keys, free = candidates(l)
-            plan = plan_layer(l, experts, resident, set(), pol, free, keys)
-            if pol.needs_probs:
-                pol.observe(l, probs)
-            for key in plan.evict:
-                pool.evict(key)
-            for e in plan.fetch:
-                pool.put((l, e), pool.free_slot(l), None)
-            loads += len(plan.fetch)
-            hits += len(plan.hits)
-            unique += len(plan.needed)
-            routed += idx.size
-            pol.touch([(l, e) for e in plan.needed])
-            if not pol.reuse:
-                for e in plan.needed:
-                    pool.evict((l, e))
+    c = {key: int(v) for key, v in jax.device_get(state["counters"]).items()}
     return {"policy": policy, "slots": slots, "share": slots / trace.total_experts,
-            "hit_rate": hits / unique if unique else float("nan"), "transfers": loads,
-            "substitution_rate": substituted / routed if routed else 0.0, "steps": int(trace.idx.shape[0])}
+            "hit_rate": c["hits"] / c["unique"] if c["unique"] else float("nan"), "transfers": c["fetched"],
+            "substitution_rate": c["substituted"] / c["routed"] if c["routed"] else 0.0,
+            "steps": int(trace.idx.shape[0])}
 
 
 __all__ = ["POLICIES", "REPLAYABLE", "Trace", "TraceRecorder", "replay"]

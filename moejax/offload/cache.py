@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-FETCH_MODES = ("cond", "always")
+FETCH_MODES = ("cond", "loop", "always")
 
 
 def storage_dtype(dtype):
@@ -42,9 +42,18 @@ def fetch_one(stack, expert, device_sharding):
 
 def write_fetches(pool, stack, fetches, device_sharding, mode: str = "cond"):
     """pool [S + 1, 3, H, I] (the last slot is scratch) <- experts fetches.experts[:count] of a
-    host stack at fetches.slots[:count]. One unconditional in-place write per fetch slot; the
-    copy itself runs only for real fetches (mode "cond"), so a resident expert moves no bytes.
-    Mode "always" copies in every fetch slot (branch-free; for measuring the alternative)."""
+    host stack at fetches.slots[:count]. Modes (docs/benchmarks.md measures them):
+      "cond":   one fetch slot per possible miss, each copy inside a lax.cond, then one
+                unconditional in-place write (unused slots write to the scratch slot);
+      "loop":   a while loop of `count` iterations, copy + in-place write each;
+      "always": branch-free: every fetch slot copies, needed or not.
+    "cond" and "loop" move no bytes for a resident expert."""
+    if mode == "loop":
+        def body(j, pool):
+            block = fetch_block(stack, fetches.experts[j], device_sharding)
+            return lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype), fetches.slots[j], 0)
+
+        return lax.fori_loop(0, fetches.count, body, pool)
     scratch = pool.shape[0] - 1
     for j in range(fetches.experts.shape[0]):
         e, ok = fetches.experts[j], j < fetches.count

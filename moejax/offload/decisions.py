@@ -43,6 +43,14 @@ class Layout:
     slots: int
     per_layer: bool = False
 
+    def check(self, per_step: int) -> None:
+        """Every layer's slot range must hold one step's experts (per_step = min(B * k, E))."""
+        if self.share < per_step:
+            from moejax.errors import MoejaxError
+
+            raise MoejaxError(f"a pool split per layer gives each of {self.layers} MoE layers {self.share} slots; "
+                              f"one step needs {per_step}: raise the budget or share the pool")
+
     @property
     def share(self) -> int:
         """Slots one MoE layer may use."""
@@ -114,6 +122,7 @@ def choose_slots(state, layout: Layout, policy, m: int, n, shield, size: int):
     keys = [jnp.where(own >= 0, k[ol, oe], 0) for k in policy.eviction_keys(state)]
     cls = jnp.where((s < lo) | (s >= hi) | shield, 2, jnp.where(own >= 0, 1, 0))
     order = jnp.lexsort((s, *reversed(keys), cls))[:size]
+    order = jnp.pad(order, (0, size - order.shape[0]), constant_values=S)  # more asked than slots: none
     return jnp.sort(jnp.where(jnp.arange(size) < n, order, S)).astype(jnp.int32)
 
 
@@ -175,23 +184,27 @@ class Fetches:
 jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "count"], meta_fields=[])
 
 
-def substitute_layer(state, cfg, policy, m, scores, weights, idx, similarity=None, available=None):
-    """Decode, PAPER.md 1-2: importance of every expert and the substitution of low-score
-    experts against what MoE layer m holds (available [E]: default, every expert in the
-    pool). scores [N, E] raw router scores, weights/idx [N, k] the router's choice ->
-    (state, importance [N, E], experts [N, k] to compute, their gate weights [N, k])."""
-    from moejax.model.moe import importance
-    from moejax.offload.importance import gate_weights, substitute
+def substitute_layer(state, policy, m, probs, idx, similarity=None, available=None):
+    """Decode, PAPER.md 2: substitution of low-score experts against what MoE layer m holds
+    (available [E]; default: every expert in its pool). probs [N, E] importance (moe.importance),
+    idx [N, k] the router's choice -> (state, experts [N, k] to compute, substituted [N, k])."""
+    from moejax.offload.importance import substitute
 
-    probs = importance(scores, cfg.router)
     if not (policy.substitute and policy.alpha > 0):
-        return state, probs, idx, weights
+        return state, idx, jnp.zeros(idx.shape, bool)
     if available is None:
         available = state["table"][m] >= 0
     experts, changed = substitute(probs, idx, policy.alpha, available, policy.mode, similarity)
-    new_w = gate_weights(scores, experts, cfg.norm_topk_prob, cfg.routed_scaling_factor)
-    weights = jnp.where(changed.any(axis=-1, keepdims=True), new_w, weights)  # rows unchanged: bit for bit
-    return _count(state, "substituted", changed.sum()), probs, experts, weights
+    return _count(state, "substituted", changed.sum()), experts, changed
+
+
+def reweigh(cfg, scores, experts, changed, weights):
+    """Gate weights [N, k] of the computed experts: the router's own for rows nothing was
+    substituted in (bit for bit), else each expert's own score (importance.gate_weights)."""
+    from moejax.offload.importance import gate_weights
+
+    new = gate_weights(scores, experts, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    return jnp.where(changed.any(axis=-1, keepdims=True), new, weights)
 
 
 def plan_decode(state, layout: Layout, policy, m: int, experts, pending=None):
