@@ -112,7 +112,7 @@ def _moe_out(x, h, dense, pool, slots, weights):
 
 @jax.jit
 def _ordered(h, pool, rows, ids, ok, idx, weights, acc):
-    return moe.experts_ordered(h, pool, rows, ids, ok, idx, weights, acc)
+    return moe.experts_ordered(h, pool, rows, ids, ok, idx, weights, acc)[0]
 
 
 @jax.jit

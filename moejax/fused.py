@@ -18,6 +18,7 @@ the budget. Exactness: the same functions as the resident model compute the expe
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -95,12 +96,11 @@ class FusedEngine:
         self._budget, self.per_layer = budget, per_layer
         self.compiled_programs: dict = {}
         self.compile_s = 0.0
-        self._program_bytes = 0
         self._build(plan_budget(cfg, np.dtype(self.dtype).itemsize, batch, cache_len, budget, staging=1))
 
     # ---- state --------------------------------------------------------------------------
     def _build(self, plan: BudgetPlan) -> None:
-        self.plan = plan
+        self.plan, self._program_bytes = plan, 0
         self.layout = D.Layout(len(self.moe_ids), self.config.num_experts, plan.pool_slots, self.per_layer)
         self.layout.check(min(self.batch * self.config.top_k, self.config.num_experts))
         self.compiled_programs = {}
@@ -185,7 +185,8 @@ class FusedEngine:
         E = cfg.num_experts
         if self.full:  # every expert resident: the resident model's loop over all experts
             ids = jnp.arange(E, dtype=jnp.int32)
-            acc = moe.experts_ordered(h, pool, m * E + ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(h))
+            acc, pool = moe.experts_ordered(h, pool, m * E + ids, ids, jnp.ones(E, bool), idx, weights,
+                                            jnp.zeros_like(h))
             return x + (dense + acc).reshape(x.shape), kv, pool, state
         need, n_need = D.needed_sorted(idx, valid, cfg.num_experts)
         G, groups = D.prefill_groups(lay)
@@ -197,7 +198,7 @@ class FusedEngine:
             state, fetches = D.plan_prefill_group(state, lay, pol, m, group, ok)
             pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
             rows = jnp.where(ok, state["table"][m][group], 0)
-            acc = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc)
+            acc, pool = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc)
         if not pol.reuse:
             state = D.release(state, lay, m, need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
         return x + (dense + acc).reshape(x.shape), kv, pool, state
@@ -258,13 +259,31 @@ class FusedEngine:
             temp = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0
             if temp > self._program_bytes:
                 self._program_bytes = temp
-                plan = plan_budget(self.config, np.dtype(self.dtype).itemsize, self.batch, self.cache_len,
-                                   self._budget, staging=1, program_bytes=temp)
-                if plan.pool_slots != self.plan.pool_slots:
-                    self._build(plan)
-                    raise _Rebuilt()
-                self.plan = plan
+                self._fit()
         return self.compiled_programs[key]
+
+    def _fit(self) -> None:
+        """Budget the largest compiled program's temporaries. An absolute budget takes them from
+        the pool: if fewer slots fit, the engine starts over with fewer (raises _Rebuilt; the
+        smaller pool's programs are measured again, and the pool never grows back)."""
+        cfg, itemsize, spec = self.config, np.dtype(self.dtype).itemsize, self._budget
+        plan_for = lambda s: plan_budget(cfg, itemsize, self.batch, self.cache_len, s, staging=1,  # noqa: E731
+                                         program_bytes=self._program_bytes)
+        per_step = min(self.batch * cfg.top_k, cfg.num_experts)
+        try:
+            plan = plan_for(spec)
+        except MoejaxError:
+            if self.plan.pool_slots <= per_step:
+                raise
+            plan = plan_for(("pct", (per_step + 0.5) / self.plan.total_experts))  # measure again at the minimum
+        if plan.pool_slots < self.plan.pool_slots:
+            self._build(plan)
+            raise _Rebuilt()
+        extra = (plan.pool_slots - self.plan.pool_slots) * plan.expert_bytes
+        self.plan = dataclasses.replace(plan, pool_slots=self.plan.pool_slots, budget_bytes=plan.budget_bytes - extra)
+        if spec is not None and spec[0] == "bytes" and self.plan.budget_bytes > spec[1]:
+            raise MoejaxError(f"--vram-budget {spec[1] / 2**20:.2f} MiB is below the minimum of "
+                              f"{self.plan.budget_bytes / 2**20:.2f} MiB for the fused engine ({self.plan.describe()})")
 
     def _run(self, kind, x, pos, key, temperature, top_p):
         program = self._ensure(kind, self._args(x, pos, key), temperature, top_p)

@@ -164,7 +164,7 @@ def test_smoe_substitutes_within_budget(engine_models, name):
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, 7))
     out = {}
     for kind in ("stepwise", "fused"):  # sigmoid routers, group-limited selection: the same decisions
-        e = make_engine(kind, path, "smoe", ("pct", 0.5), cache_len=64, alpha=0.5)
+        e = make_engine(kind, path, "smoe", ("pct", 0.25), cache_len=64, alpha=0.5)
         g = e.generate(prompt, NEW)
         assert len(g.tokens[0]) == NEW and e.t.substituted > 0
         assert e.t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k

@@ -89,22 +89,25 @@ def experts_indexed(x, stack, ids, weights):
 def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc):
     """Many tokens (prefill), one expert at a time in ascending id order: for each position p
     with ok[p], acc += weight of expert ids[p] per token * FFN(x) with the block stack[rows[p]].
-    x, acc [N, H]; stack [S, 3, H, I]; rows, ids, ok [G]; idx, weights [N, k] -> acc [N, H].
+    x, acc [N, H]; stack [S, 3, H, I]; rows, ids, ok [G]; idx, weights [N, k]
+    -> (acc [N, H], stack: pass it on, so XLA need not copy a pool written afterwards).
 
     The resident model calls it once with every expert (rows = ids = 0..E-1); the offloaded
-    engine calls it group by group with the experts it holds in its pool. Experts no token
+    engines call it group by group with the experts they hold in their pool. Experts no token
     routes to add exactly zero, so both sum every token's experts in the same order with the
     same arithmetic: offloaded prefill is bit for bit the resident one."""
 
-    def body(p, acc):
+    def body(p, carry):
+        acc, stack = carry
         e = ids[p]
         w = jnp.sum(jnp.where(idx == e, weights, 0.0), axis=-1)  # [N] float32: one term at most
         blk = block(stack, rows[p], x.dtype)  # [3, H, I]
         y = jax.nn.silu(x @ blk[0]) * (x @ blk[1])  # [N, I]
         y = jnp.einsum("ni,hi->nh", y, blk[2])  # [N, H]
-        return jnp.where(ok[p], acc + y * w[:, None].astype(y.dtype), acc)
+        acc = jnp.where(ok[p], acc + y * w[:, None].astype(y.dtype), acc)
+        return jax.lax.optimization_barrier((acc, stack))  # JAX would forward an untouched carry
 
-    return jax.lax.fori_loop(0, ids.shape[0], body, acc)
+    return jax.lax.fori_loop(0, ids.shape[0], body, (acc, stack))
 
 
 def experts_resident(x, experts, idx, weights, decode: bool):
@@ -114,4 +117,4 @@ def experts_resident(x, experts, idx, weights, decode: bool):
         return experts_indexed(x, experts, idx, weights)
     E = experts.shape[0]
     ids = jnp.arange(E, dtype=jnp.int32)
-    return experts_ordered(x, experts, ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(x))
+    return experts_ordered(x, experts, ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(x))[0]

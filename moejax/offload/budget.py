@@ -95,7 +95,7 @@ def plan_budget(cfg: MoEConfig, itemsize: int, batch: int, cache_len: int, spec:
                               f"{per_step} ({100 * per_step / total:.2f}%) for one step at batch {batch}")
     else:
         if spec[1] < min_bytes:
-            raise MoejaxError(f"--vram-budget {spec[1] / 2**20:.1f} MiB is below the minimum of "
+            raise MoejaxError(f"--vram-budget {spec[1] / 2**20:.2f} MiB is below the minimum of "
                               f"{min_bytes / 2**20:.2f} MiB ({min_bytes} bytes: dense {dense} + KV {kv} + "
                               f"{per_step + staging} experts of {eb}"
                               + (f" + program temporaries {program_bytes}" if program_bytes else "") + ")")
