@@ -158,13 +158,17 @@ def test_every_policy_exact_at_alpha_zero_quarter_budget(engine_models, name):
         assert e.t.decode_unique > e.t.decode_hits, (kind, policy)  # the quarter pool really missed
 
 
+# a budget where each tiny model misses low-score experts with resident ones in the window
+SUBSTITUTING_BUDGET = {"deepseek": 0.25, "deepseek_v2": 0.5, "deepseek_v3": 0.375}
+
+
 @pytest.mark.parametrize("name", sorted(ENGINE_MODELS))
 def test_smoe_substitutes_within_budget(engine_models, name):
     path, model = engine_models[name]
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, 7))
     out = {}
     for kind in ("stepwise", "fused"):  # sigmoid routers, group-limited selection: the same decisions
-        e = make_engine(kind, path, "smoe", ("pct", 0.25), cache_len=64, alpha=0.5)
+        e = make_engine(kind, path, "smoe", ("pct", SUBSTITUTING_BUDGET[name]), cache_len=64, alpha=0.5)
         g = e.generate(prompt, NEW)
         assert len(g.tokens[0]) == NEW and e.t.substituted > 0
         assert e.t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
