@@ -369,8 +369,6 @@ def cmd_replay(args) -> None:
 
 
 def cmd_eval_sweep(args) -> None:
-    import numpy as np
-
     import moejax
     from moejax.engine import load_parts, make_engine
     from moejax.eval.ppl import evaluate

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.fused import next_layer, predict_next
-from moejax.generate import Generation, generation_loop
+from moejax.generate import OffloadedGeneration
 from moejax.metrics import Telemetry
 from moejax.model import layers as L
 from moejax.model import moe
@@ -139,7 +139,7 @@ def _embed(embed, tokens):
     return embed[tokens.reshape(tokens.shape[0], -1)]
 
 
-class OffloadEngine:
+class OffloadEngine(OffloadedGeneration):
     """Runs a converted checkpoint with its routed experts in host memory and a device
     expert pool sized by `budget` (a parsed --vram-budget; None = every expert fits)."""
 
@@ -361,30 +361,6 @@ class OffloadEngine:
         x = _embed(self.module.embed[...], jnp.asarray(token))
         x = self._layers(x, pos, None)
         return _head(self._logits_args, x, np.int32(0), key, float(temperature), float(top_p))
-
-    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids=(), on_token=None, warmup: bool = False) -> Generation:
-        prompt = np.asarray(prompt, np.int32)
-        if prompt.shape[0] != self.batch:
-            raise ValueError(f"engine built for batch {self.batch}, got {prompt.shape[0]} prompts")
-        if prompt.shape[1] + max_new_tokens > self.cache_len:
-            raise ValueError(f"prompt + new tokens exceed the engine's cache of {self.cache_len}")
-        temperature, top_p = float(temperature), float(top_p)
-        prefill = lambda p, T, k: self.prefill(p, T, k, temperature, top_p)[0]  # noqa: E731
-        step = lambda tok, pos, k: self.step(tok, pos, k, temperature, top_p)[0]  # noqa: E731
-
-        warmup_s = 0.0
-        if warmup:  # compile every stage, then start from an empty pool
-            t0 = time.perf_counter()
-            generation_loop(prefill, step, prompt, 3, seed)
-            warmup_s = time.perf_counter() - t0
-            self.reset()
-        self._t = Telemetry(peak_device_bytes=self._t.peak_device_bytes)
-        self.state = {**self.state, "counters": jax.tree.map(jnp.zeros_like, self.state["counters"])}
-        g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
-        g.warmup_s = warmup_s
-        self._t.ttft_s, self._t.step_s = g.ttft_s, g.step_s
-        return g
 
 
 ENGINES = ("fused", "stepwise")

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.errors import MoejaxError
-from moejax.generate import Generation, generation_loop, sample
+from moejax.generate import OffloadedGeneration, sample
 from moejax.metrics import Telemetry
 from moejax.model import layers as L
 from moejax.model import moe
@@ -65,7 +65,7 @@ def next_layer(layers, i):
     return nxt.router[...], None if nxt.router_bias is None else nxt.router_bias[...], nxt.mlp_norm[...]
 
 
-class FusedEngine:
+class FusedEngine(OffloadedGeneration):
     """Runs a converted checkpoint with its routed experts in host memory and a device expert
     pool sized by `budget` (a parsed --vram-budget; None = every expert fits), one XLA
     program per step. Same interface as the stepwise `moejax.engine.OffloadEngine`."""
@@ -318,29 +318,6 @@ class FusedEngine:
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
         """token [B] at position pos -> (next token [B], logits [B, V])."""
         return self._run("decode", np.asarray(token).reshape(self.batch), pos, key, float(temperature), float(top_p))
-
-    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 stop_ids=(), on_token=None, warmup: bool = False) -> Generation:
-        prompt = np.asarray(prompt, np.int32)
-        if prompt.shape[0] != self.batch:
-            raise ValueError(f"engine built for batch {self.batch}, got {prompt.shape[0]} prompts")
-        if prompt.shape[1] + max_new_tokens > self.cache_len:
-            raise ValueError(f"prompt + new tokens exceed the engine's cache of {self.cache_len}")
-        temperature, top_p = float(temperature), float(top_p)
-        prefill = lambda p, T, k: self.prefill(p, T, k, temperature, top_p)[0]  # noqa: E731
-        step = lambda tok, pos, k: self.step(tok, pos, k, temperature, top_p)[0]  # noqa: E731
-        warmup_s = 0.0
-        if warmup:  # compile both programs (and run them once), then start from an empty pool
-            t0 = time.perf_counter()
-            generation_loop(prefill, step, prompt, 2, seed)
-            warmup_s = time.perf_counter() - t0
-            self.reset()
-        self._t = Telemetry()  # telemetry of this run (the pool stays as it is unless warmed up)
-        self.state = {**self.state, "counters": jax.tree.map(jnp.zeros_like, self.state["counters"])}
-        g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
-        g.warmup_s = warmup_s
-        self._t.ttft_s, self._t.step_s = g.ttft_s, g.step_s
-        return g
 
 
 class _Rebuilt(Exception):

@@ -157,3 +157,39 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p
     g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
     g.warmup_s = warmup_s
     return g
+
+
+class OffloadedGeneration:
+    """`generate` for the offloaded engines (moejax.fused.FusedEngine, moejax.engine.OffloadEngine).
+    An engine provides prefill, step, reset, batch, cache_len, a `state` dict whose
+    "counters" are the decision counters, and `_t` (its Telemetry)."""
+
+    warmup_tokens = 2
+
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                 stop_ids=(), on_token=None, warmup: bool = False) -> Generation:
+        """warmup: first compile (and run once) every program on this prompt, then start over
+        from an empty pool. Telemetry covers this run only; without warmup the pool stays as
+        the last run left it."""
+        from moejax.metrics import Telemetry
+
+        prompt = np.asarray(prompt, np.int32)
+        if prompt.shape[0] != self.batch:
+            raise ValueError(f"engine built for batch {self.batch}, got {prompt.shape[0]} prompts")
+        if prompt.shape[1] + max_new_tokens > self.cache_len:
+            raise ValueError(f"prompt + new tokens exceed the engine's cache of {self.cache_len}")
+        temperature, top_p = float(temperature), float(top_p)
+        prefill = lambda p, T, k: self.prefill(p, T, k, temperature, top_p)[0]  # noqa: E731
+        step = lambda tok, pos, k: self.step(tok, pos, k, temperature, top_p)[0]  # noqa: E731
+        warmup_s = 0.0
+        if warmup:
+            t0 = time.perf_counter()
+            generation_loop(prefill, step, prompt, self.warmup_tokens, seed)
+            warmup_s = time.perf_counter() - t0
+            self.reset()
+        self._t = Telemetry(peak_device_bytes=self._t.peak_device_bytes)
+        self.state = {**self.state, "counters": jax.tree.map(jnp.zeros_like, self.state["counters"])}
+        g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
+        g.warmup_s = warmup_s
+        self._t.ttft_s, self._t.step_s = g.ttft_s, g.step_s
+        return g

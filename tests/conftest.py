@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,9 @@ def _moejax_cache(tmp_path_factory):
     directory, never ~/.cache; tests may point MOEJAX_CACHE elsewhere themselves."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOEJAX_CACHE", str(tmp_path_factory.mktemp("moejax-cache")))
+        from moejax.api import enable_compile_cache
+
+        enable_compile_cache()  # engines built alike in several tests compile once
         yield
 
 

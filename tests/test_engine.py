@@ -8,7 +8,6 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import moejax  # noqa: E402
-from moejax import engine as eng  # noqa: E402
 from moejax.engine import ENGINES, OffloadEngine, make_engine  # noqa: E402
 from moejax.generate import pad_prompt  # noqa: E402
 from moejax.offload.budget import plan_budget  # noqa: E402

@@ -22,7 +22,6 @@ decreasing probability, so the more important one gets the better substitute.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -132,9 +132,10 @@ class HostExpertStore:
         return tr
 
 
-def load_parts(path: str | Path):
+def load_parts(path):
     """(config, global params, layer params without routed experts, host expert store):
-    what an engine needs from a checkpoint. Engines may share one (benchmarks build many)."""
+    what an engine needs from a checkpoint (a path). Engines may share one (benchmarks build
+    many)."""
     from pathlib import Path
 
     from moejax import checkpoint
