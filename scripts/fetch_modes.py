@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     from moejax.offload.store import load_parts
 
     h200, h200_why = None, None
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
         h200_why = (f"no CUDA plugin importable: install jax-cuda12-plugin and jax-cuda12-pjrt {jax.__version__} "
                     "(pip install --no-deps --target DIR ...) and pass --h200-plugin DIR")
     else:
