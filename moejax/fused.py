@@ -35,7 +35,7 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
-from moejax.offload.cache import storage_dtype, write_fetches
+from moejax.offload.cache import read_first, storage_dtype, write_fetches
 from moejax.offload.importance import classify
 from moejax.offload.policies import make_policy
 
@@ -164,13 +164,20 @@ class FusedEngine(OffloadedGeneration):
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
             slots = state["table"][m][experts]  # [N, k]
-            predicted = predict_next(cfg, pol, next_layer(layers, i), x, h, dense, pool, slots, slots >= 0, weights)
+            nxt_w, once = next_layer(layers, i), jnp.minimum(jnp.sum(idx >= 0), 1)  # a traced 1
+            pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt_w, x, h, dense, p, slots,
+                                                                      slots >= 0, weights), once)
         state, fetches, needed = D.plan_decode(state, lay, pol, m, experts)
         if pol.needs_probs:
             state = D.observe(state, m, probs)
         pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
-        out = dense + moe.experts_indexed(h, pool, state["table"][m][experts], weights)
-        x = x + out.reshape(x.shape)
+        slots = state["table"][m][experts]  # [N, k]
+        if pol.prefetch and nxt:  # the prefetch below writes into the pool: after these reads
+            pool, routed = read_first(pool, lambda p: moe.experts_indexed(h, p, slots, weights),
+                                      jnp.minimum(jnp.sum(idx >= 0), 1))
+        else:
+            routed = moe.experts_indexed(h, pool, slots, weights)
+        x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release(state, lay, m, *needed)
         if pol.prefetch and nxt:

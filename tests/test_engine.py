@@ -146,7 +146,7 @@ def test_fused_never_recompiles_and_never_copies_the_pool(models):
     the cached set, and XLA compiles nothing else; no instruction copies the pool."""
     import jax.monitoring
 
-    path, model = models["qwen2_moe"]
+    path, model = models["mixtral"]  # two MoE layers in a row: the first prefetches for the second
     e = _engine("fused", path, "smoe", ("pct", 0.25), alpha=0.5)
     e.generate(_prompt(model, seed=0), NEW, warmup=True)
     e.generate(_prompt(model, seed=0), NEW)  # eager helpers (counter reset, reads) compile here once
