@@ -65,40 +65,6 @@ def _attn_route(graphdef, state, x, kv, pos):
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _substitute(cfg, policy, state, m, scores, weights, idx, similarity, pending):
-    """-> (state, importance [N, E], experts [N, k], their weights [N, k])."""
-    probs = moe.importance(scores, cfg.router)
-    available = (state["table"][m] >= 0) & ~pending
-    state, experts, changed = D.substitute_layer(state, policy, m, probs, idx, similarity, available)
-    return state, probs, experts, D.reweigh(cfg, scores, experts, changed, weights)
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _plan(layout, policy, state, m, experts, pending, probs):
-    """-> (state, Fetches, needed, slots [N, k] of the experts before the plan (-1: not there))."""
-    before = state["table"][m][experts]
-    state, fetches, needed = D.plan_decode(state, layout, policy, m, experts, pending)
-    if policy.needs_probs:
-        state = D.observe(state, m, probs)
-    return state, fetches, needed, before
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _plan_prefetch(layout, policy, state, m, predicted, valid, shield, pending):
-    return D.plan_prefetch(state, layout, policy, m, predicted, valid, shield, pending)
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _plan_group(layout, policy, state, m, group, ok):
-    return D.plan_prefill_group(state, layout, policy, m, group, ok)
-
-
-@partial(jax.jit, static_argnums=(0,))
-def _release(layout, state, m, experts, ok):
-    return D.release(state, layout, m, experts, ok)
-
-
-@partial(jax.jit, static_argnums=(0, 1))
 def _predict(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
     return predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights)
 
@@ -262,7 +228,7 @@ class OffloadEngine(OffloadedGeneration):
         if drop:
             ids = np.zeros(self.config.num_experts, np.int32)
             ids[: len(drop)] = drop
-            self.state = _release(self.layout, self.state, np.int32(m), ids, np.arange(len(ids)) < len(drop))
+            self.state = D.release_step(self.layout, self.state, np.int32(m), ids, np.arange(len(ids)) < len(drop))
             for e in drop:
                 del self._inflight[(layer, e)]
             self._t.prefetch_dropped += len(drop)
@@ -276,13 +242,13 @@ class OffloadEngine(OffloadedGeneration):
         x, h, dense, scores, weights, idx, self.kv[i] = _attn_route(gd, st, x, self.kv[i], pos)
         t0 = time.perf_counter()
         pending = self._pending(i)
-        self.state, probs, experts, weights = _substitute(cfg, pol, self.state, np.int32(m), scores, weights, idx,
+        self.state, probs, experts, weights = D.substitute_step(cfg, pol, self.state, np.int32(m), scores, weights, idx,
                                                           self.similarity.get(m), pending)
         if self.recorder is not None:
             self.recorder.on_decode(i, np.asarray(idx), np.asarray(probs))
         if pol.prefetch and self.link.emulated and self._drop_stale_prefetches(i, m, set(np.asarray(experts).ravel())):
             pending = self._pending(i)
-        self.state, fetches, needed, before = _plan(self.layout, pol, self.state, np.int32(m), experts, pending, probs)
+        self.state, fetches, needed, before = D.plan_step(self.layout, pol, self.state, np.int32(m), experts, pending, probs)
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
             hit = (before >= 0) & ~jnp.asarray(pending)[experts]
@@ -294,10 +260,10 @@ class OffloadEngine(OffloadedGeneration):
             self._wait(i, np.asarray(experts).ravel())
         x = _moe_out(x, h, dense, self.pool, self.state["table"][m][experts], weights)
         if not pol.reuse:  # on-demand: nothing stays for later
-            self.state = _release(self.layout, self.state, np.int32(m), *needed)
+            self.state = D.release_step(self.layout, self.state, np.int32(m), *needed)
         if pol.prefetch and nxt:
             t0 = time.perf_counter()
-            self.state, pf = _plan_prefetch(self.layout, pol, self.state, np.int32(m + 1), *predicted,
+            self.state, pf = D.prefetch_step(self.layout, pol, self.state, np.int32(m + 1), *predicted,
                                             (np.int32(m), *needed), self._pending(i + 1))
             self._carry_out(i + 1, pf, "prefetch")
             self._t.sched_us[-1] += 1e6 * (time.perf_counter() - t0)
@@ -323,7 +289,7 @@ class OffloadEngine(OffloadedGeneration):
             part = needed[start:start + G]
             group[: len(part)] = part
             ok = np.arange(G) < len(part)
-            self.state, fetches = _plan_group(self.layout, self.policy, self.state, np.int32(m), group, ok)
+            self.state, fetches = D.prefill_group_step(self.layout, self.policy, self.state, np.int32(m), group, ok)
             self._carry_out(i, fetches, "prefill")
             if self.link.emulated:
                 self._wait(i, part)
@@ -333,7 +299,7 @@ class OffloadEngine(OffloadedGeneration):
         if not self.policy.reuse:
             ids = np.zeros(self.config.num_experts, np.int32)
             ids[: len(needed)] = needed
-            self.state = _release(self.layout, self.state, np.int32(m), ids, np.arange(len(ids)) < len(needed))
+            self.state = D.release_step(self.layout, self.state, np.int32(m), ids, np.arange(len(ids)) < len(needed))
         return _finish_prefill(x, dense, acc)
 
     # ---- whole steps --------------------------------------------------------------------

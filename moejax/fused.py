@@ -158,18 +158,14 @@ class FusedEngine(OffloadedGeneration):
             out = dense + moe.experts_indexed(h, pool, m * cfg.num_experts + idx, weights)
             return x + out.reshape(x.shape), kv, pool, state
         sim = None if self.similarity is None else self.similarity[m]
-        probs = moe.importance(scores, cfg.router)
-        state, experts, changed = D.substitute_layer(state, pol, m, probs, idx, sim)
-        weights = D.reweigh(cfg, scores, experts, changed, weights)
+        mi, none = jnp.int32(m), jnp.zeros(cfg.num_experts, bool)  # traced layer: one trace for all layers
+        state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
+        state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
-            slots = state["table"][m][experts]  # [N, k]
             nxt_w, once = next_layer(layers, i), jnp.minimum(jnp.sum(idx >= 0), 1)  # a traced 1
-            pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt_w, x, h, dense, p, slots,
-                                                                      slots >= 0, weights), once)
-        state, fetches, needed = D.plan_decode(state, lay, pol, m, experts)
-        if pol.needs_probs:
-            state = D.observe(state, m, probs)
+            pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt_w, x, h, dense, p, before,
+                                                                      before >= 0, weights), once)
         pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
         slots = state["table"][m][experts]  # [N, k]
         if pol.prefetch and nxt:  # the prefetch below writes into the pool: after these reads
@@ -179,9 +175,9 @@ class FusedEngine(OffloadedGeneration):
             routed = moe.experts_indexed(h, pool, slots, weights)
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
-            state = D.release(state, lay, m, *needed)
+            state = D.release_step(lay, state, mi, *needed)
         if pol.prefetch and nxt:
-            state, pf = D.plan_prefetch(state, lay, pol, m + 1, *predicted, (m, *needed))
+            state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
             pool = write_fetches(pool, stacks[m + 1], pf, self.store.device_sharding, self.fetch_mode)
         return x, kv, pool, state
 
@@ -202,12 +198,12 @@ class FusedEngine(OffloadedGeneration):
         for g in range(groups):
             group = need[g * G:(g + 1) * G]
             ok = g * G + jnp.arange(G) < n_need
-            state, fetches = D.plan_prefill_group(state, lay, pol, m, group, ok)
+            state, fetches = D.prefill_group_step(lay, pol, state, jnp.int32(m), group, ok)
             pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
             rows = jnp.where(ok, state["table"][m][group], 0)
             acc, pool = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc)
         if not pol.reuse:
-            state = D.release(state, lay, m, need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
+            state = D.release_step(lay, state, jnp.int32(m), need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
         return x + (dense + acc).reshape(x.shape), kv, pool, state
 
     def _run_layers(self, params, stacks, pool, kv, state, x, pos, valid=None):

@@ -24,6 +24,7 @@ uses are shielded. Fetches take their slots in ascending slot order, experts in 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -276,3 +277,44 @@ def needed_sorted(idx, valid_tokens, E: int):
     routes to, ascending, padded to [E]; their count)."""
     need = jnp.zeros(E + 1, bool).at[jnp.where(valid_tokens[:, None], idx, E)].set(True)[:-1]
     return compact(jnp.arange(E, dtype=jnp.int32), need)
+
+
+# ---- one layer's decisions as jitted steps --------------------------------------------------
+# The stepwise engine calls these per layer; the fused engine calls the same ones inside its
+# program (a nested jit is traced once and reused by every layer, which keeps tracing short).
+# m, the MoE layer, is traced; pending [E]: transfers still in flight (stepwise, emulated link).
+
+@partial(jax.jit, static_argnums=(0, 1))
+def substitute_step(cfg, policy, state, m, scores, weights, idx, similarity, pending):
+    """-> (state, importance [N, E], experts [N, k], their weights [N, k])."""
+    from moejax.model.moe import importance
+
+    probs = importance(scores, cfg.router)
+    available = (state["table"][m] >= 0) & ~pending
+    state, experts, changed = substitute_layer(state, policy, m, probs, idx, similarity, available)
+    return state, probs, experts, reweigh(cfg, scores, experts, changed, weights)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def plan_step(layout, policy, state, m, experts, pending, probs):
+    """-> (state, Fetches, needed, slots [N, k] of the experts before the plan (-1: not there))."""
+    before = state["table"][m][experts]
+    state, fetches, needed = plan_decode(state, layout, policy, m, experts, pending)
+    if policy.needs_probs:
+        state = observe(state, m, probs)
+    return state, fetches, needed, before
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def prefetch_step(layout, policy, state, m, predicted, valid, shield, pending):
+    return plan_prefetch(state, layout, policy, m, predicted, valid, shield, pending)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def prefill_group_step(layout, policy, state, m, group, ok):
+    return plan_prefill_group(state, layout, policy, m, group, ok)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def release_step(layout, state, m, experts, ok):
+    return release(state, layout, m, experts, ok)
