@@ -271,3 +271,18 @@ def test_pool_split_per_layer_must_hold_one_step(models, kind):
     path, model = models["mixtral"]  # 2 MoE layers x 6 experts, top-2: 25% = 3 slots, 1 per layer
     with pytest.raises(MoejaxError, match="one step needs 2"):
         _engine(kind, path, "lru", ("pct", 0.25), per_layer=True)
+
+
+def test_fetch_modes_make_the_same_run(models):
+    """cond (the default), loop and always differ only in how the copies run: same tokens and
+    decisions, and the resident model's tokens at alpha 0."""
+    path, model = models["mixtral"]
+    prompt = _prompt(model, seed=7)
+    ref = model.generate(prompt, NEW)
+    runs = set()
+    for mode in ("cond", "loop", "always"):
+        e = _engine("fused", path, "smoe", ("pct", 0.4), alpha=0.0, fetch_mode=mode)
+        g = e.generate(prompt, NEW)
+        assert g.tokens == ref.tokens, mode
+        runs.add((str(g.tokens), e.t.transfers, e.t.decode_hits, e.t.prefetch_issued))
+    assert len(runs) == 1 and e.t.transfers > 0
