@@ -110,18 +110,20 @@ def random_checkpoint(root: Path, hidden, layers, experts, top_k, width, shared,
 
 def exactness(model_dir: Path):
     import moejax
-    from moejax.engine import OffloadEngine
+    from moejax.engine import ENGINES, make_engine
 
     m = moejax.load(model_dir)
     prompt = np.random.default_rng(0).integers(0, m.config.vocab_size, (1, 16))
     ref = m.generate(prompt, 16).tokens
     rows = []
-    for policy in ("ondemand", "lru", "lfu", "lru-prefetch", "score", "smoe"):
-        for pct in (1.0, 0.5, 0.25):
-            e = OffloadEngine(model_dir, policy, ("pct", pct), cache_len=64)
-            g = e.generate(prompt, 16)
-            rows.append({"policy": policy, "pct": pct, "tokens_equal": g.tokens == ref,
-                         "hit_rate": e.t.hit_rate, "peak_le_budget": e.t.peak_device_bytes <= e.plan.budget_bytes})
+    for kind in ENGINES:
+        for policy in ("ondemand", "lru", "lfu", "lru-prefetch", "score", "smoe"):
+            for pct in (1.0, 0.25):
+                e = make_engine(kind, model_dir, policy, ("pct", pct), cache_len=64)
+                g = e.generate(prompt, 16)
+                rows.append({"engine": kind, "policy": policy, "pct": pct, "tokens_equal": g.tokens == ref,
+                             "hit_rate": e.t.hit_rate,
+                             "peak_le_budget": e.t.peak_device_bytes <= e.plan.budget_bytes})
     return {"rows": rows, "all_equal": all(r["tokens_equal"] for r in rows)}
 
 
@@ -131,7 +133,8 @@ def bench(model_dir: Path, alpha: float, batches, trials: int, new_tokens: int):
     policies = ["resident", "ondemand", "lru", "lfu", "lru-prefetch", "score", "score-sub", "smoe"]
     budgets = [("25%", ("pct", 0.25)), ("50%", ("pct", 0.5))]
     records = run_bench(model_dir, budgets, batches, policies, new_tokens, 16, trials,
-                        dict(alpha=alpha, substitute="window", similarity=None, score_window=16), progress=False)
+                        dict(alpha=alpha, substitute="window", similarity=None, score_window=16), progress=False,
+                        engines=("fused", "stepwise"))
     return {"meta": machine(), "alpha": alpha, "records": records, "markdown": markdown(records)}
 
 
