@@ -164,13 +164,14 @@ class FusedEngine(OffloadedGeneration):
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
             nxt_w, once = next_layer(layers, i), jnp.minimum(jnp.sum(idx >= 0), 1)  # a traced 1
+            like = (jnp.zeros(idx.size, jnp.int32), jnp.zeros(idx.size, bool))  # predicted ids, valid
             pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt_w, x, h, dense, p, before,
-                                                                      before >= 0, weights), once)
+                                                                      before >= 0, weights), once, like)
         pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
         slots = state["table"][m][experts]  # [N, k]
         if pol.prefetch and nxt:  # the prefetch below writes into the pool: after these reads
             pool, routed = read_first(pool, lambda p: moe.experts_indexed(h, p, slots, weights),
-                                      jnp.minimum(jnp.sum(idx >= 0), 1))
+                                      jnp.minimum(jnp.sum(idx >= 0), 1), jnp.zeros_like(h))
         else:
             routed = moe.experts_indexed(h, pool, slots, weights)
         x = x + (dense + routed).reshape(x.shape)

@@ -73,16 +73,14 @@ def write_block(pool, block, slot):
     return lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype), slot, axis=0)
 
 
-def read_first(pool, fn, once):
+def read_first(pool, fn, once, like):
     """(pool, fn(pool)), such that in-place writes into the returned pool come after fn's reads.
     Without this, XLA copies the whole pool when a write (a prefetch) does not depend on a read
     (this layer's expert compute): it may not reorder them otherwise. fn runs in a loop of
     `once` iterations, a traced 1 (XLA would inline a loop it knows runs once, and drops
-    optimization barriers before it decides on copies)."""
-    shapes = jax.eval_shape(fn, pool)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    optimization barriers before it decides on copies). like: zeros shaped as fn's output."""
 
     def body(_, carry):
         return lax.optimization_barrier((carry[0], fn(carry[0])))
 
-    return lax.fori_loop(0, once, body, (pool, zeros))
+    return lax.fori_loop(0, once, body, (pool, like))
