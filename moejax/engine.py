@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.fused import next_layer, predict_next
+from moejax.fused import attend_route, next_layer, predict_next
 from moejax.generate import OffloadedGeneration
 from moejax.metrics import Telemetry
 from moejax.model import layers as L
@@ -36,7 +36,7 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
-from moejax.offload.cache import storage_dtype, write_block
+from moejax.offload.cache import new_pool, write_block
 from moejax.offload.policies import make_policy
 from moejax.offload.store import Link, Transfer, load_parts  # noqa: F401  (load_parts: public here too)
 
@@ -54,14 +54,10 @@ def _dense_layer(graphdef, state, x, kv, pos):
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
 def _attn_route(graphdef, state, x, kv, pos):
-    """x [B, T, H] -> x after attention, h [N, H], dense/shared output [N, H], router scores
-    [N, E], top-k weights and ids [N, k], new kv."""
+    """x [B, T, H] -> (x after attention, new kv, h [N, H], dense/shared output [N, H], router
+    scores [N, E], top-k weights and ids [N, k])."""
     layer = nnx.merge(graphdef, state)
-    B, T, H = x.shape
-    a, kv = layer.attention(x, kv, pos, *_rope(layer.cfg, x, pos))
-    x = x + a
-    h = layer.mlp_input(x.reshape(B * T, H))
-    return x, h, layer.dense_output(h), *layer.route(h), kv
+    return attend_route(layer, x, kv, pos, *_rope(layer.cfg, x, pos))
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -145,13 +141,7 @@ class OffloadEngine(OffloadedGeneration):
         expert (and the policy reuses experts), it is filled now (the warm-up), so decoding
         moves no bytes."""
         full = self.plan.pool_slots == self.plan.total_experts and self.policy.reuse
-        dt = storage_dtype(self.dtype)
-        if full:
-            self.pool = jax.device_put(np.concatenate([self.store.numpy(i) for i in self.moe_ids]).view(dt),
-                                       jax.devices()[0])
-        else:
-            self.pool = jax.device_put(jnp.zeros((self.plan.pool_slots, *self.store.expert_shape), dt),
-                                       jax.devices()[0])
+        self.pool = new_pool(self.store, self.moe_ids, self.plan.pool_slots, self.dtype, full)
         self.state = D.init_state(self.layout, self.policy.score_window, full)
         self.kv = list(empty_cache(self.config, self.batch, self.cache_len, self.dtype))
         self._inflight: dict[tuple[int, int], Transfer] = {}  # emulated link: transfers not yet landed
@@ -239,7 +229,7 @@ class OffloadEngine(OffloadedGeneration):
         gd, st = self.layer_defs[i]
         cfg, pol = self.config, self.policy
         m = self.moe_ids.index(i)
-        x, h, dense, scores, weights, idx, self.kv[i] = _attn_route(gd, st, x, self.kv[i], pos)
+        x, self.kv[i], h, dense, scores, weights, idx = _attn_route(gd, st, x, self.kv[i], pos)
         t0 = time.perf_counter()
         pending = self._pending(i)
         self.state, probs, experts, weights = D.substitute_step(cfg, pol, self.state, np.int32(m), scores, weights, idx,
@@ -276,7 +266,7 @@ class OffloadEngine(OffloadedGeneration):
         model), in groups that fit the layer's slots."""
         gd, st = self.layer_defs[i]
         m = self.moe_ids.index(i)
-        x, h, dense, _, weights, idx, self.kv[i] = _attn_route(gd, st, x, self.kv[i], np.int32(0))
+        x, self.kv[i], h, dense, _, weights, idx = _attn_route(gd, st, x, self.kv[i], np.int32(0))
         k = idx.shape[-1]
         idx_h = np.asarray(idx).reshape(self.batch, -1, k)[:, :T].reshape(-1, k)  # real tokens only
         if self.recorder is not None:

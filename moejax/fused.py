@@ -35,7 +35,7 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
-from moejax.offload.cache import read_first, storage_dtype, write_fetches
+from moejax.offload.cache import new_pool, read_first, write_fetches
 from moejax.offload.importance import classify
 from moejax.offload.policies import make_policy
 
@@ -57,6 +57,16 @@ def predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
     scores, _, idx = moe.route(cfg, L.rms_norm(approx, norm, cfg.rms_norm_eps), router, bias)
     _, top = classify(moe.importance(scores, cfg.router), idx, policy.alpha)
     return idx.reshape(-1), top.reshape(-1)
+
+
+def attend_route(layer, x, kv, pos, cos, sin):
+    """A MoE layer up to its router: x [B, T, H] -> (x after attention, new kv, MLP input h
+    [N, H], dense/shared output [N, H], router scores [N, E], top-k weights and ids [N, k])."""
+    B, T, H = x.shape
+    a, kv = layer.attention(x, kv, pos, cos, sin)
+    x = x + a
+    h = layer.mlp_input(x.reshape(B * T, H))
+    return x, kv, h, layer.dense_output(h), *layer.route(h)
 
 
 def next_layer(layers, i):
@@ -110,17 +120,9 @@ class FusedEngine(OffloadedGeneration):
     def reset(self) -> None:
         """Fresh telemetry, an empty pool and fresh policy state. If the pool holds every
         expert (and the policy reuses experts), it is filled now: decoding then moves no bytes."""
-        cfg, S = self.config, self.plan.pool_slots
-        full = self.full
-        shape = (S + 1, *self.store.expert_shape)  # + one scratch slot for fetch slots left unused
-        if full:
-            blocks = np.concatenate([self.store.numpy(i) for i in self.moe_ids] +
-                                    [np.zeros((1, *self.store.expert_shape), self.store.dtype)])
-            self.pool = jax.device_put(blocks.view(storage_dtype(self.dtype)), self.device)
-        else:
-            self.pool = jax.device_put(jnp.zeros(shape, storage_dtype(self.dtype)), self.device)
-        self.state = jax.device_put(D.init_state(self.layout, self.policy.score_window, full), self.device)
-        self.kv = empty_cache(cfg, self.batch, self.cache_len, self.dtype)
+        self.pool = new_pool(self.store, self.moe_ids, self.plan.pool_slots, self.dtype, self.full, scratch=1)
+        self.state = jax.device_put(D.init_state(self.layout, self.policy.score_window, self.full), self.device)
+        self.kv = empty_cache(self.config, self.batch, self.cache_len, self.dtype)
         self._t = Telemetry()
 
     @property
@@ -140,17 +142,10 @@ class FusedEngine(OffloadedGeneration):
         return {k: int(v) for k, v in jax.device_get(self.state["counters"]).items()}
 
     # ---- the program's pieces -----------------------------------------------------------
-    def _attend_route(self, layer, x, kv, pos, cos, sin):
-        B, T, H = x.shape
-        a, kv = layer.attention(x, kv, pos, cos, sin)
-        x = x + a
-        h = layer.mlp_input(x.reshape(B * T, H))  # [N, H]
-        return x, kv, h, layer.dense_output(h), *layer.route(h)
-
     def _moe_decode(self, layers, stacks, i, x, kv, pos, cos, sin, pool, state):
         cfg, pol, lay = self.config, self.policy, self.layout
         m = self.moe_ids.index(i)
-        x, kv, h, dense, scores, weights, idx = self._attend_route(layers[i], x, kv, pos, cos, sin)
+        x, kv, h, dense, scores, weights, idx = attend_route(layers[i], x, kv, pos, cos, sin)
         if self.full:  # every expert stays at slot m * E + e: nothing to decide, fetch or substitute
             n = D.unique_first(idx.reshape(-1), size=min(idx.size, cfg.num_experts))[2]
             for name, v in (("hits", n), ("unique", n), ("routed", idx.size)):
@@ -161,9 +156,10 @@ class FusedEngine(OffloadedGeneration):
         mi, none = jnp.int32(m), jnp.zeros(cfg.num_experts, bool)  # traced layer: one trace for all layers
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
+        once = jnp.minimum(jnp.sum(idx >= 0), 1)  # a traced 1 (cache.read_first)
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
-            nxt_w, once = next_layer(layers, i), jnp.minimum(jnp.sum(idx >= 0), 1)  # a traced 1
+            nxt_w = next_layer(layers, i)
             like = (jnp.zeros(idx.size, jnp.int32), jnp.zeros(idx.size, bool))  # predicted ids, valid
             pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt_w, x, h, dense, p, before,
                                                                       before >= 0, weights), once, like)
@@ -171,7 +167,7 @@ class FusedEngine(OffloadedGeneration):
         slots = state["table"][m][experts]  # [N, k]
         if pol.prefetch and nxt:  # the prefetch below writes into the pool: after these reads
             pool, routed = read_first(pool, lambda p: moe.experts_indexed(h, p, slots, weights),
-                                      jnp.minimum(jnp.sum(idx >= 0), 1), jnp.zeros_like(h))
+                                      once, jnp.zeros_like(h))
         else:
             routed = moe.experts_indexed(h, pool, slots, weights)
         x = x + (dense + routed).reshape(x.shape)
@@ -185,7 +181,7 @@ class FusedEngine(OffloadedGeneration):
     def _moe_prefill(self, layers, stacks, i, x, kv, pos, cos, sin, pool, state, valid):
         cfg, pol, lay = self.config, self.policy, self.layout
         m = self.moe_ids.index(i)
-        x, kv, h, dense, _, weights, idx = self._attend_route(layers[i], x, kv, pos, cos, sin)
+        x, kv, h, dense, _, weights, idx = attend_route(layers[i], x, kv, pos, cos, sin)
         E = cfg.num_experts
         if self.full:  # every expert resident: the resident model's loop over all experts
             ids = jnp.arange(E, dtype=jnp.int32)

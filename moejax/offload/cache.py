@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 FETCH_MODES = ("cond", "loop", "always")
@@ -22,6 +23,17 @@ def storage_dtype(dtype):
     (measured: 24 fetches into a 3.5 MB pool took 70-350 ms as bfloat16, 0.5-1.2 ms as
     uint16). Blocks are bitcast back (`as_compute`) before any arithmetic."""
     return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def new_pool(store, layers, slots: int, dtype, full: bool, scratch: int = 0):
+    """A committed device pool [slots + scratch, 3, H, I] in the storage dtype: zeros, or (full)
+    every expert of `layers` at slot index(layer) * E + expert, the order of
+    `decisions.init_state(full=True)`."""
+    dt, shape = storage_dtype(dtype), store.expert_shape
+    if full:
+        blocks = np.concatenate([store.numpy(i) for i in layers] + [np.zeros((scratch, *shape), store.dtype)])
+        return jax.device_put(blocks.view(dt), jax.devices()[0])
+    return jax.device_put(jnp.zeros((slots + scratch, *shape), dt), jax.devices()[0])
 
 
 def as_storage(block, dtype):
