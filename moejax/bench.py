@@ -72,7 +72,7 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                         e = built[kp]
                         e.reset()
                         g = e.generate(prompt, new_tokens, warmup=trial == 0)
-                        stats = e.t.summary()
+                        stats = e.telemetry.summary()
                     runs[kp].append((g, stats))
                     bar.update()
             for kp in runs_of:

@@ -158,7 +158,7 @@ def cmd_decode(args) -> None:
                  "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "peak_device_bytes": plan.budget_bytes}
     else:
         g = engine.generate(np.array([prompt]), args.max_new_tokens, **kw)
-        stats = engine.t.summary()
+        stats = engine.telemetry.summary()
     sys.stdout.write("\n")
     tokens = g.tokens[0]
     # the fused engine compiled before the plan was printed (its own clock); otherwise the
@@ -332,7 +332,7 @@ def cmd_trace_record(args) -> None:
     engine.generate(np.array([ids]), args.max_new_tokens, stop_ids=cfg.eos_token_ids)
     engine.recorder.save(out, cfg, 1)
     print(f"recorded {len(engine.recorder.steps)} decode steps x {len(cfg.moe_layer_ids)} MoE layers to {out} "
-          f"(stepwise engine: policy {args.policy}, hit rate {engine.t.hit_rate:.3f})", file=sys.stderr)
+          f"(stepwise engine: policy {args.policy}, hit rate {engine.telemetry.hit_rate:.3f})", file=sys.stderr)
 
 
 def cmd_replay(args) -> None:
@@ -399,7 +399,7 @@ def cmd_eval_sweep(args) -> None:
         row = {"alpha": a, **evaluate(model, e, tokens, args.prefix)}
         e.reset()
         g = e.generate(prompt, args.new_tokens, warmup=True)
-        row.update(tpot_ms=g.tpot_ms, compile_s=g.warmup_s, tpot_hit_rate=e.t.hit_rate, engine=kind,
+        row.update(tpot_ms=g.tpot_ms, compile_s=g.warmup_s, tpot_hit_rate=e.telemetry.hit_rate, engine=kind,
                    link=link.describe())
         rows.append(row)
         print(f"{kind} engine, alpha {a:g}: ppl {row['ppl']:.3f} (resident {row['ppl_resident']:.3f}), top-1 "

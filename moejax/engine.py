@@ -149,7 +149,7 @@ class OffloadEngine(OffloadedGeneration):
         self._t = Telemetry()
 
     @property
-    def t(self) -> Telemetry:
+    def telemetry(self) -> Telemetry:
         """Telemetry since the last reset (decision counters read from the device now)."""
         c = {k: int(v) for k, v in jax.device_get(self.state["counters"]).items()}
         return self._t.count(c, self.store.expert_bytes)

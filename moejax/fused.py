@@ -126,7 +126,7 @@ class FusedEngine(OffloadedGeneration):
         self._t = Telemetry()
 
     @property
-    def t(self) -> Telemetry:
+    def telemetry(self) -> Telemetry:
         """Telemetry since the last reset (the device counters are read now)."""
         t = self._t.count(self.counters(), self.store.expert_bytes)
         t.peak_device_bytes = max(t.peak_device_bytes, self.device_bytes())

@@ -122,8 +122,8 @@ def exactness(model_dir: Path):
                 e = make_engine(kind, model_dir, policy, ("pct", pct), cache_len=64)
                 g = e.generate(prompt, 16)
                 rows.append({"engine": kind, "policy": policy, "pct": pct, "tokens_equal": g.tokens == ref,
-                             "hit_rate": e.t.hit_rate,
-                             "peak_le_budget": e.t.peak_device_bytes <= e.plan.budget_bytes})
+                             "hit_rate": e.telemetry.hit_rate,
+                             "peak_le_budget": e.telemetry.peak_device_bytes <= e.plan.budget_bytes})
     return {"rows": rows, "all_equal": all(r["tokens_equal"] for r in rows)}
 
 

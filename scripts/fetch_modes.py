@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                     e = engines[m]
                     e.reset()
                     g = e.generate(prompt, a.new_tokens, warmup=trial == 0)
-                    runs[m].append((g, e.t))
+                    runs[m].append((g, e.telemetry))
             for m in modes:
                 e, gens, t = engines[m], [g for g, _ in runs[m]], runs[m][-1][1]  # counters: same every trial
                 steps = len(gens[-1].step_s)

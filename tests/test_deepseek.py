@@ -154,8 +154,8 @@ def test_every_policy_exact_at_alpha_zero_quarter_budget(engine_models, name):
         e = make_engine(kind, path, policy, ("pct", 0.25), cache_len=64, alpha=0.0)
         g = e.generate(prompt, NEW)
         assert g.tokens == ref.tokens, (kind, policy)
-        assert e.t.substituted == 0 and e.t.peak_device_bytes <= e.plan.budget_bytes, (kind, policy)
-        assert e.t.decode_unique > e.t.decode_hits, (kind, policy)  # the quarter pool really missed
+        assert e.telemetry.substituted == 0 and e.telemetry.peak_device_bytes <= e.plan.budget_bytes, (kind, policy)
+        assert e.telemetry.decode_unique > e.telemetry.decode_hits, (kind, policy)  # the quarter pool really missed
 
 
 # a budget where each tiny model misses low-score experts with resident ones in the window
@@ -170,10 +170,10 @@ def test_smoe_substitutes_within_budget(engine_models, name):
     for kind in ("stepwise", "fused"):  # sigmoid routers, group-limited selection: the same decisions
         e = make_engine(kind, path, "smoe", ("pct", SUBSTITUTING_BUDGET[name]), cache_len=64, alpha=0.5)
         g = e.generate(prompt, NEW)
-        assert len(g.tokens[0]) == NEW and e.t.substituted > 0
-        assert e.t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
-        assert e.t.peak_device_bytes <= e.plan.budget_bytes
-        out[kind] = (g.tokens, e.t.decode_hits, e.t.substituted, e.t.transfers, e.t.prefetch_issued)
+        assert len(g.tokens[0]) == NEW and e.telemetry.substituted > 0
+        assert e.telemetry.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
+        assert e.telemetry.peak_device_bytes <= e.plan.budget_bytes
+        out[kind] = (g.tokens, e.telemetry.decode_hits, e.telemetry.substituted, e.telemetry.transfers, e.telemetry.prefetch_issued)
     assert out["fused"] == out["stepwise"]
 
 

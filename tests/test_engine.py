@@ -67,10 +67,10 @@ def test_offloaded_tokens_equal_resident(models, kind, policy, budget):
     e = _engine(kind, path, policy, _spec(model, budget, policy, kind), alpha=0.0)
     g = e.generate(prompt, NEW)
     assert g.tokens == ref.tokens
-    assert e.t.substituted == 0 and 0 < e.t.peak_device_bytes <= e.plan.budget_bytes
+    assert e.telemetry.substituted == 0 and 0 < e.telemetry.peak_device_bytes <= e.plan.budget_bytes
     if budget == "min":
         assert e.plan.pool_slots == model.config.top_k
-        assert e.t.decode_unique > e.t.decode_hits  # the pool really missed
+        assert e.telemetry.decode_unique > e.telemetry.decode_hits  # the pool really missed
 
 
 @pytest.mark.parametrize("policy", ["lru", "smoe"])
@@ -84,7 +84,7 @@ def test_dense_layer_shared_expert_and_batch3(models, policy):
     for kind in ENGINES:
         e = _engine(kind, path, policy, ("pct", 0.75), batch=3, alpha=0.0)
         assert e.generate(prompt, NEW).tokens == ref.tokens, kind
-        runs[kind] = e.t.summary()
+        runs[kind] = e.telemetry.summary()
     assert _decisions(runs["fused"]) == _decisions(runs["stepwise"])
 
 
@@ -102,7 +102,7 @@ def test_engines_make_the_same_decisions(models, policy, alpha):
     out = {}
     for kind in ENGINES:
         e = _engine(kind, path, policy, ("pct", 0.5), alpha=alpha)
-        out[kind] = (e.generate(prompt, NEW).tokens, _decisions(e.t.summary()), e.t.substituted, e.t.prefetch_issued)
+        out[kind] = (e.generate(prompt, NEW).tokens, _decisions(e.telemetry.summary()), e.telemetry.substituted, e.telemetry.prefetch_issued)
     assert out["fused"] == out["stepwise"]
     if alpha:
         assert out["fused"][2] > 0
@@ -128,7 +128,7 @@ def test_offloaded_logits_match_resident_batch2(models):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
         _, ours = e.step(tok, T + i, key)  # both are fed the resident model's greedy token
         tok, ref, cache = decode_step(model.graphdef, model.state, tok, cache, jnp.int32(T + i), key, 0.0, 1.0)
-    assert e.t.decode_unique > e.t.decode_hits  # the small pool really missed
+    assert e.telemetry.decode_unique > e.telemetry.decode_hits  # the small pool really missed
 
 
 @pytest.mark.parametrize("kind", ENGINES)
@@ -137,8 +137,8 @@ def test_full_budget_moves_no_bytes_after_warmup(models, kind):
     e = _engine(kind, path, "lru", ("pct", 1.0))
     for seed in range(3):
         e.generate(_prompt(model, seed=seed), NEW, warmup=seed == 0)
-        assert e.t.bytes_h2d_decode == 0 and e.t.bytes_h2d_prefill == 0 and e.t.transfers == 0
-        assert e.t.hit_rate == 1.0
+        assert e.telemetry.bytes_h2d_decode == 0 and e.telemetry.bytes_h2d_prefill == 0 and e.telemetry.transfers == 0
+        assert e.telemetry.hit_rate == 1.0
 
 
 def test_fused_never_recompiles_and_never_copies_the_pool(models):
@@ -191,7 +191,7 @@ def test_device_bytes_never_exceed_budget(models, kind, policy):
 
     e.step = checked
     e.generate(_prompt(model), NEW)
-    assert 0 < e.t.peak_device_bytes <= e.plan.budget_bytes <= spec[1]
+    assert 0 < e.telemetry.peak_device_bytes <= e.plan.budget_bytes <= spec[1]
     assert e.plan.pool_slots == model.config.top_k
 
 
@@ -202,9 +202,9 @@ def test_ondemand_moves_k_experts_per_layer_per_step(models, kind):
     e = _engine(kind, path, "ondemand", ("pct", 1.0))
     g = e.generate(_prompt(model), NEW)
     steps = len(g.tokens[0]) - 1
-    assert e.t.transfers == steps * len(cfg.moe_layer_ids) * cfg.top_k
-    assert e.t.bytes_h2d_decode == e.t.transfers * e.store.expert_bytes
-    assert e.t.hit_rate == 0.0
+    assert e.telemetry.transfers == steps * len(cfg.moe_layer_ids) * cfg.top_k
+    assert e.telemetry.bytes_h2d_decode == e.telemetry.transfers * e.store.expert_bytes
+    assert e.telemetry.hit_rate == 0.0
 
 
 def test_substitution_raises_hit_rate_and_keeps_k(models):
@@ -214,7 +214,7 @@ def test_substitution_raises_hit_rate_and_keeps_k(models):
     for policy, alpha in (("lru", 0.0), ("smoe", 0.5)):
         e = _engine("fused", path, policy, ("pct", 0.5), alpha=alpha)
         g = e.generate(prompt, NEW)
-        runs[policy] = e.t
+        runs[policy] = e.telemetry
         assert len(g.tokens[0]) == NEW
     assert runs["smoe"].substituted > 0
     assert runs["smoe"].routed == runs["lru"].routed  # k experts per token, substituted or not
@@ -229,7 +229,7 @@ def test_slow_emulated_link_stays_exact_and_drops_stale_prefetches(models):
     ref = model.generate(prompt, NEW)
     e = OffloadEngine(path, "lru-prefetch", ("pct", 0.5), cache_len=64, link=parse_link("emulated:2MB/s,50us"))
     assert e.generate(prompt, NEW).tokens == ref.tokens
-    assert e.t.peak_device_bytes <= e.plan.budget_bytes
+    assert e.telemetry.peak_device_bytes <= e.plan.budget_bytes
     # the drop rule itself, driven by hand: three prefetches queue on a slow link for layer 1;
     # the real scores then need only expert 4, so the queued ones for 2 and 3 are dropped
     e = OffloadEngine(path, "lru-prefetch", ("pct", 0.5), cache_len=64, link=parse_link("emulated:1kB/s,1ms"))
@@ -238,7 +238,7 @@ def test_slow_emulated_link_stays_exact_and_drops_stale_prefetches(models):
                    "owner": e.state["owner"].at[slot].set(1 * model.config.num_experts + expert)}
         e._load(1, expert, slot, "prefetch")
     e._drop_stale_prefetches(1, 1, needed={4, 5})
-    assert e.t.prefetch_dropped == 2
+    assert e.telemetry.prefetch_dropped == 2
     assert np.nonzero(np.asarray(e.state["table"][1]) >= 0)[0].tolist() == [4]  # started first: kept
 
 
@@ -284,5 +284,5 @@ def test_fetch_modes_make_the_same_run(models):
         e = _engine("fused", path, "smoe", ("pct", 0.4), alpha=0.0, fetch_mode=mode)
         g = e.generate(prompt, NEW)
         assert g.tokens == ref.tokens, mode
-        runs.add((str(g.tokens), e.t.transfers, e.t.decode_hits, e.t.prefetch_issued))
-    assert len(runs) == 1 and e.t.transfers > 0
+        runs.add((str(g.tokens), e.telemetry.transfers, e.telemetry.decode_hits, e.telemetry.prefetch_issued))
+    assert len(runs) == 1 and e.telemetry.transfers > 0

@@ -31,14 +31,14 @@ def test_replay_reproduces_engine(model, tmp_path, policy, alpha, pct):
     g = e.generate(prompt, 16)
     e.recorder.save(tmp_path / "t.npz", m.config, 1)
     r = replay(Trace(tmp_path / "t.npz", m.config), policy, e.plan.pool_slots, alpha=alpha)
-    assert r["hit_rate"] == e.t.hit_rate
-    assert r["transfers"] == e.t.transfers
-    assert r["substitution_rate"] == e.t.substitution_rate
+    assert r["hit_rate"] == e.telemetry.hit_rate
+    assert r["transfers"] == e.telemetry.transfers
+    assert r["substitution_rate"] == e.telemetry.substitution_rate
     if pct == 0.25 and policy in ("lru", "score-sub"):
         f = make_engine("fused", path, policy, ("pct", pct), cache_len=64, alpha=alpha)
         assert f.generate(prompt, 16).tokens == g.tokens
-        assert (f.t.hit_rate, f.t.transfers, f.t.substituted, f.t.bytes_h2d_prefill) == (
-            e.t.hit_rate, e.t.transfers, e.t.substituted, e.t.bytes_h2d_prefill)
+        assert (f.telemetry.hit_rate, f.telemetry.transfers, f.telemetry.substituted, f.telemetry.bytes_h2d_prefill) == (
+            e.telemetry.hit_rate, e.telemetry.transfers, e.telemetry.substituted, e.telemetry.bytes_h2d_prefill)
     if alpha == 0:
         b = replay(Trace(tmp_path / "t.npz"), "belady", e.plan.pool_slots)
         assert b["hit_rate"] >= r["hit_rate"]  # the offline optimum bounds every non-substituting cache

@@ -78,7 +78,7 @@ def evaluate(model, engine, tokens: np.ndarray, prefix: int = 8, progress: bool 
     ref = teacher_forced(_ResidentSteps(model, len(tokens)), tokens, prefix)  # [T - prefix, V]
     ours = teacher_forced(engine, tokens, prefix, progress)
     result = compare(tokens[prefix:], ref, ours)
-    t = engine.t
+    t = engine.telemetry
     result.update(hit_rate=t.hit_rate, substitution_rate=t.substitution_rate, bytes_h2d=t.bytes_h2d_decode,
                   prefetch_precision=t.prefetch_precision)
     return result
