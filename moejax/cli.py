@@ -449,7 +449,7 @@ def _engine_flags(p, stepwise_only: bool = False, several: bool = False) -> None
                        help="fused (default: one XLA program per decode step) or stepwise (each layer driven "
                             "from Python: emulated links, research hooks); an emulated --link runs stepwise")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"importance threshold (PAPER.md 1) for score-sub/smoe; 0 disables substitution "
+                   help=f"importance threshold (docs/method.md 1) for score-sub/smoe; 0 disables substitution "
                         f"and makes every policy exact (default {DEFAULT_ALPHA}, see docs/benchmarks.md)")
     p.add_argument("--substitute", default="window",
                    help="window (default: the paper's rule, needs no calibration), hybrid or similarity")

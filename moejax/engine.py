@@ -210,7 +210,7 @@ class OffloadEngine(OffloadedGeneration):
                 tr.wait()
 
     def _drop_stale_prefetches(self, layer: int, m: int, needed: set[int]) -> bool:
-        """PAPER.md 4: once a layer's real scores are known, queued prefetches for it that the
+        """docs/method.md 4: once a layer's real scores are known, queued prefetches for it that the
         link has not started and that the layer does not need are dropped (slot freed). Only
         an emulated link queues transfers. -> whether any was."""
         drop = [e for (l, e), tr in self._inflight.items()

@@ -45,7 +45,7 @@ def predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
 
     nxt: (router, selection bias or None, MLP norm) of the next layer. "next-layer-gate"
     (mixtral-offloading): its router on this layer's MLP input h [N, H], top-k. "top-score"
-    (PAPER.md 4): its router on an approximate hidden state, residual x + dense/shared
+    (docs/method.md 4): its router on an approximate hidden state, residual x + dense/shared
     output + the output of this layer's experts that were already on the device (hit [N, k],
     at pool slots [N, k]); valid = predicted top-score."""
     router, bias, norm = nxt

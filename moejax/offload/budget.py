@@ -1,5 +1,5 @@
 """`--vram-budget`: parsing, and how a budget splits into dense weights, KV cache, staging
-buffers for transfers in flight, and expert-pool slots (DESIGN.md's definition)."""
+buffers for transfers in flight, and expert-pool slots (docs/design.md's definition)."""
 
 from __future__ import annotations
 

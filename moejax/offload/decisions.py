@@ -186,7 +186,7 @@ jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "coun
 
 
 def substitute_layer(state, policy, m, probs, idx, similarity=None, available=None):
-    """Decode, PAPER.md 2: substitution of low-score experts against what MoE layer m holds
+    """Decode, docs/method.md 2: substitution of low-score experts against what MoE layer m holds
     (available [E]; default: every expert in its pool). probs [N, E] importance (moe.importance),
     idx [N, k] the router's choice -> (state, experts [N, k] to compute, substituted [N, k])."""
     from moejax.offload.importance import substitute

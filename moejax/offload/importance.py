@@ -1,4 +1,4 @@
-"""Importance-driven substitution (PAPER.md sections 1-2), as pure jnp functions: the one
+"""Importance-driven substitution (docs/method.md sections 1-2), as pure jnp functions: the one
 definition that the fused program runs on the device and the stepwise engine and trace
 replay run through jit on their inputs (numpy arrays are accepted too).
 
@@ -91,7 +91,7 @@ def substitute(probs, idx, alpha: float, available, mode: str = "window", simila
 
 def gate_weights(scores, experts, renormalise: bool, scale: float = 1.0):
     """Weights of the computed experts, as the router would weigh them had it selected them
-    (PAPER.md 2): each one's own router score (a substitute's too), renormalised over the k
+    (docs/method.md 2): each one's own router score (a substitute's too), renormalised over the k
     computed experts where the family does, times its routed_scaling_factor. Bit for bit the
     router's own weights (`moe.select`) when experts are the routed ones."""
     w = jnp.take_along_axis(jnp.asarray(scores), jnp.asarray(experts), axis=-1).astype(jnp.float32)

@@ -76,7 +76,7 @@ def mean_score(state):
 
 
 class ScoreEviction(Policy):
-    """PAPER.md 3: evict the resident expert with the lowest mean router probability over
+    """docs/method.md 3: evict the resident expert with the lowest mean router probability over
     the last `score_window` decode steps, tracking ALL experts (selected or not), so likely
     substitutes stay. Ties (e.g. never observed) go to the least recently used."""
 
@@ -88,7 +88,7 @@ class ScoreEviction(Policy):
 
 
 class ScoreSubstitution(ScoreEviction):
-    """Score eviction + importance-driven substitution (PAPER.md 2)."""
+    """Score eviction + importance-driven substitution (docs/method.md 2)."""
 
     name = "score-sub"
     substitute = True
@@ -96,7 +96,7 @@ class ScoreSubstitution(ScoreEviction):
 
 class SMoE(ScoreSubstitution):
     """The full method: score eviction, substitution, and prefetch of the next layer's
-    predicted top-score experts (PAPER.md 4)."""
+    predicted top-score experts (docs/method.md 4)."""
 
     name = "smoe"
     prefetch = "top-score"

@@ -39,7 +39,7 @@ class Link:
     """The host -> device link. Real (bandwidth None): transfers take what device_put takes.
     Emulated: one transfer at a time, each done no earlier than latency + bytes / bandwidth
     after it starts, concurrently with compute -- for machines where host and device share
-    memory (DESIGN.md, "Measuring"). Transfers that have not started can be cancelled."""
+    memory (docs/design.md, "Measuring"). Transfers that have not started can be cancelled."""
 
     def __init__(self, bandwidth: float | None = None, latency: float = 0.0):
         self.bandwidth, self.latency = bandwidth, latency
