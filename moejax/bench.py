@@ -8,8 +8,11 @@ synchronised (each step's token is read back to the host before the next starts)
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -106,9 +109,11 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     return records
 
 
-# PAPER.md's Qwen2-57B-A14B on an A6000 over PCIe 4.0: one bf16 expert (55 MB) takes ~2 ms to
-# transfer at ~26 GB/s and ~0.07 ms to stream through the GPU's 768 GB/s at batch 1.
+# docs/method.md ("Setting"): the paper's Qwen2-57B-A14B on an A6000 over PCIe 4.0: one bf16 expert
+# (55 MB) takes ~2 ms to transfer at ~26 GB/s and ~0.07 ms to stream through the GPU's 768 GB/s
+# at batch 1.
 PAPER_TRANSFER_TO_COMPUTE = 28.0
+LINK_FILE = "link_calibration.json"  # beside the checkpoint, as similarity.npz
 
 
 def expert_compute_s(parts, reps: int = 200) -> float:
@@ -148,13 +153,70 @@ def h2d_bandwidth(parts, n: int = 32) -> float:
     return len(keys) * store.expert_bytes / (time.perf_counter() - t)
 
 
-def paper_link(parts):
-    """An emulated link that gives this model on this machine the paper's transfer-to-compute
-    ratio: bandwidth = expert bytes / (28 x measured time to compute one expert)."""
+def machine_key() -> str:
+    """The machine a link calibration belongs to: device, architecture, core count, CPU model."""
+    import jax
+
+    dev = jax.devices()[0]
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                   "")
+    except OSError:
+        pass
+    return f"{dev.platform}:{dev.device_kind}, {platform.machine()}, {os.cpu_count()} cores" + (f", {cpu}" if cpu else "")
+
+
+def _read_calibrations(file: Path, fp: str) -> dict:
+    """{machine key: calibration} stored for the model with fingerprint fp ({} if none or unreadable)."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("fingerprint") != fp or not isinstance(data.get("machines"), dict):
+        return {}
+    return data["machines"]
+
+
+def paper_link(parts, path: str | Path | None = None, recalibrate: bool = False, log=None):
+    """`--link emulated:paper`: an emulated link that gives this model on this machine the paper's
+    transfer-to-compute ratio: bandwidth = expert bytes / (28 x time to compute one expert on one
+    token here).
+
+    The time is measured once per model and machine and stored in `path / LINK_FILE` (path: the
+    converted checkpoint), so that every later command uses the same link instead of one that
+    moves with the machine's load; recalibrate measures again (`moejax calibrate --link`).
+    Without a path it is measured every time. log(line) reports the link and where it came from
+    (default: stderr)."""
+    from moejax.offload.similarity import fingerprint
     from moejax.offload.store import Link
 
-    t = expert_compute_s(parts)
-    return Link(bandwidth=parts[3].expert_bytes / (PAPER_TRANSFER_TO_COMPUTE * t), latency=0.0)
+    log = log or (lambda line: print(line, file=sys.stderr))
+    cfg, store = parts[0], parts[3]
+    key, fp = machine_key(), fingerprint(cfg)
+    file = Path(path) / LINK_FILE if path is not None else None
+    machines = _read_calibrations(file, fp) if file is not None else {}
+    entry = None if recalibrate else machines.get(key)
+    if entry is not None and entry.get("expert_bytes") == store.expert_bytes and entry.get("bandwidth", 0) > 0:
+        how = f"calibrated {entry['date']}, read from {file}"
+    else:
+        t = expert_compute_s(parts)
+        entry = {"expert_compute_s": t, "expert_bytes": store.expert_bytes, "ratio": PAPER_TRANSFER_TO_COMPUTE,
+                 "bandwidth": store.expert_bytes / (PAPER_TRANSFER_TO_COMPUTE * t), "date": date.today().isoformat()}
+        how = "measured now"
+        if file is not None:
+            try:
+                tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps({"fingerprint": fp, "machines": {**machines, key: entry}}, indent=2) + "\n")
+                tmp.replace(file)
+                how += f", stored in {file}"
+            except OSError as e:
+                how += f", not stored ({e.strerror or e})"
+    link = Link(bandwidth=entry["bandwidth"], latency=0.0)
+    log(f"--link emulated:paper: one expert ({store.expert_bytes / 2**10:.0f} KiB) computes in "
+        f"{1e6 * entry['expert_compute_s']:.1f} us on this machine -> {link.describe()} ({how}; "
+        "`moejax calibrate --link` measures again)")
+    return link
 
 
 def machine() -> dict:

@@ -218,7 +218,7 @@ def cmd_bench(args) -> None:
     from moejax.engine import load_parts
 
     parts = load_parts(path)
-    link = _link(args, parts)
+    link = _link(args, parts, path)
     from moejax.bench import h2d_bandwidth
 
     bw = None if link.emulated else h2d_bandwidth(parts)
@@ -262,6 +262,14 @@ def cmd_calibrate(args) -> None:
 
     if args.method not in ("output", "weights"):
         raise MoejaxError(f"--method {args.method!r} is not one of output, weights")
+    if args.link:  # the emulated paper link instead of the similarity
+        from moejax.api import resolve
+        from moejax.bench import paper_link
+        from moejax.offload.store import load_parts
+
+        path = resolve(args.model or bundled_model())
+        paper_link(load_parts(path), path, recalibrate=True)
+        return
     model = moejax.load(args.model or bundled_model())
     out = Path(args.out) if args.out else model.path / similarity.FILE
     if out.exists() and not args.force:
@@ -390,7 +398,7 @@ def cmd_eval_sweep(args) -> None:
     tokens = read_text_tokens(args.text, model.tokenizer, args.prefix + 1)[: args.max_tokens]
     prompt = tokens[None, : args.prefix]
     parts = load_parts(model.path)
-    link = _link(args, parts)
+    link = _link(args, parts, model.path)
     rows = []
     for a in alphas:
         settings["alpha"] = a
@@ -425,14 +433,15 @@ def cmd_eval_sweep(args) -> None:
         alpha_sweep(rows, args.figure, f"{args.policy} at {args.vram_budget} ({kind} engine, {link.describe()})")
 
 
-def _link(args, parts):
-    """--link real | emulated:BW,LAT | emulated:paper (see moejax.bench.paper_link)."""
+def _link(args, parts, path):
+    """--link real | emulated:BW,LAT | emulated:paper (moejax.bench.paper_link: calibrated once per
+    model and machine, stored beside the checkpoint at path)."""
     from moejax.offload.store import parse_link
 
     if getattr(args, "link", "real") == "emulated:paper":
         from moejax.bench import paper_link
 
-        return paper_link(parts)
+        return paper_link(parts, path)
     return parse_link(getattr(args, "link", "real"))
 
 
@@ -509,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-tokens", type=int, default=512)
     c.add_argument("--out", help="output file (default: similarity.npz beside the checkpoint)")
     c.add_argument("--force", action="store_true")
+    c.add_argument("--link", action="store_true",
+                   help="instead of the similarity: time one expert on this machine and store the link that "
+                        "--link emulated:paper uses beside the checkpoint (replacing a stored one)")
     c.set_defaults(func=cmd_calibrate)
 
     t = sub.add_parser("trace", help="record router traces")
