@@ -37,9 +37,11 @@ def prompt_tokens(tokenizer, vocab: int, batch: int, length: int, seed: int = 0)
 
 def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str], new_tokens: int = 32,
               prompt_len: int = 16, trials: int = 3, settings: dict | None = None,
-              progress: bool = True, parts=None, engines: tuple[str, ...] = ("fused",)) -> list[dict]:
+              progress: bool = True, parts=None, engines: tuple[str, ...] = ("fused",),
+              on_record=None) -> list[dict]:
     """engines: "fused" and/or "stepwise" (moejax.engine.make_engine; an emulated link needs
-    stepwise), each with every policy but resident, trials interleaved across all of them."""
+    stepwise), each with every policy but resident, trials interleaved across all of them.
+    on_record(records so far) is called after each record is finished (to save them as they come)."""
     from tqdm.auto import tqdm
 
     import moejax
@@ -100,11 +102,15 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     "sched_us_median": stats["sched_us_median"],
                     "new_tokens": new_tokens, "prompt_len": prompt_len, "trials": trials,
                     "link": built[kp].link.describe() if p != "resident" else "none",
+                    "pool": "none" if p == "resident" else
+                            "per-layer pool" if built[kp].layout.per_layer else "shared pool",
                     "program_bytes": plan.program_bytes if plan else 0,
                     "prefetch_dropped": stats.get("prefetch_dropped", 0),
                     "alpha": (settings or {}).get("alpha", 0.0),
                     "substitute": (settings or {}).get("substitute", "window"),
                 })
+                if on_record is not None:
+                    on_record(records)
     bar.close()
     return records
 
@@ -232,8 +238,10 @@ def markdown(records: list[dict]) -> str:
              "TTFT ms | prefetch precision | sched µs (median/layer) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     links = sorted({r["link"] for r in records if r["link"] != "none"})
-    if links:
-        lines.insert(0, f"Link: {', '.join(links)}\n")
+    pools = sorted({r.get("pool", "shared pool") for r in records} - {"none"})
+    head = ([f"Link: {', '.join(links)}"] if links else []) + ([f"Pool: {', '.join(pools)}"] if pools else [])
+    if head:
+        lines.insert(0, "; ".join(head) + "\n")
     for r in records:
         pp = "" if r["prefetch_precision"] != r["prefetch_precision"] else f"{r['prefetch_precision']:.2f}"
         lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['engine']} | {r['pool_slots']} | "
