@@ -97,7 +97,9 @@ def generation_loop(prefill: Callable, step: Callable, prompt: np.ndarray, max_n
     t0 = time.perf_counter()
     key, sub = jax.random.split(key)
     tok = prefill(padded, T, sub)
-    tok_host = np.asarray(tok)
+    # np.array copies: on CPU np.asarray is a view that would keep every step's device buffer
+    # alive for as long as the output list holds the token
+    tok_host = np.array(tok)
     ttft = time.perf_counter() - t0
     out, steps = [tok_host], []
     done = np.isin(tok_host, stop)
@@ -109,7 +111,7 @@ def generation_loop(prefill: Callable, step: Callable, prompt: np.ndarray, max_n
         t = time.perf_counter()
         key, sub = jax.random.split(key)
         tok = step(tok, T + i - 1, sub)
-        tok_host = np.asarray(tok)
+        tok_host = np.array(tok)
         steps.append(time.perf_counter() - t)
         out.append(tok_host)
         done |= np.isin(tok_host, stop)
