@@ -16,6 +16,19 @@ def _pyplot():
     return plt
 
 
+def check_figure(path) -> None:
+    """Refuse a figure before the work that makes it: no matplotlib, or a file type it cannot write."""
+    from pathlib import Path
+
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix and suffix not in kinds:
+        raise MoejaxError(f"--figure {path}: matplotlib cannot write .{suffix} (it writes {', '.join(sorted(kinds))})")
+
+
 def policy_bars(records: list[dict], path: str) -> None:
     """TPOT and hit rate per policy, one group per (budget, batch)."""
     plt = _pyplot()

@@ -73,9 +73,14 @@ class _ResidentSteps:
 
 
 def evaluate(model, engine, tokens: np.ndarray, prefix: int = 8, progress: bool = False) -> dict:
-    """Everything `moejax eval ppl` reports, for one token sequence [T]."""
+    """Everything `moejax eval ppl` reports, for one token sequence [T]. engine None: the
+    resident model against itself (`--policy resident`, the reference point)."""
     tokens = np.asarray(tokens, np.int32)
-    ref = teacher_forced(_ResidentSteps(model, len(tokens)), tokens, prefix)  # [T - prefix, V]
+    ref = teacher_forced(_ResidentSteps(model, len(tokens)), tokens, prefix, progress and engine is None)
+    if engine is None:
+        result = compare(tokens[prefix:], ref, ref)
+        result.update(hit_rate=1.0, substitution_rate=0.0, bytes_h2d=0, prefetch_precision=float("nan"))
+        return result
     ours = teacher_forced(engine, tokens, prefix, progress)
     result = compare(tokens[prefix:], ref, ours)
     t = engine.telemetry

@@ -14,6 +14,8 @@ that does not substitute: the bound the paper's substitution can beat.
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from functools import partial
 from pathlib import Path
 
@@ -64,16 +66,26 @@ class TraceRecorder:
 
 class Trace:
     def __init__(self, path: Path, cfg=None):
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise MoejaxError(f"{path} is not a moejax trace (the file is empty)")
         try:
-            data = np.load(path)
+            data = np.load(path)  # never unpickles: a file that is no .npz is refused below
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError
             self.meta = json.loads(str(data["meta"]))
             self.layers = self.meta["layers"]
             self.prefill = {l: data[f"prefill_{l}"] for l in self.layers}
             S = self.meta["steps"]
             self.idx = data["decode_idx"] if S else np.zeros((0, len(self.layers), 1, self.meta["top_k"]), np.int32)
             self.probs = data["decode_probs"] if S else None
-        except (OSError, ValueError, KeyError) as e:
-            raise MoejaxError(f"{path} is not a moejax trace ({e})") from None
+        except KeyError as e:
+            raise MoejaxError(f"{path} is not a moejax trace (it has no {e.args[0]})") from None
+        except (EOFError, zipfile.BadZipFile, zlib.error):
+            raise MoejaxError(f"{path} is not a moejax trace (truncated or corrupt)") from None
+        except (ValueError, TypeError):  # numpy's message for a non-.npz file suggests unpickling: not repeated
+            raise MoejaxError(f"{path} is not a moejax trace (not an .npz file from `moejax trace record`)") from None
+        except OSError as e:
+            raise MoejaxError(f"{path}: cannot read the trace ({e.strerror or e})") from None
         if cfg is not None:
             from moejax.offload.similarity import fingerprint
 
@@ -160,7 +172,8 @@ def replay(trace: Trace, policy: str, slots: int, per_layer: bool = False, alpha
             state = _decode(layout, pol, at(t, state), np.int32(m), trace.idx[s, m], probs[s, m])
             t += 1
     c = {key: int(v) for key, v in jax.device_get(state["counters"]).items()}
-    return {"policy": policy, "slots": slots, "share": slots / trace.total_experts,
+    return {"policy": policy, "pool": "per-layer pool" if per_layer else "shared pool", "slots": slots,
+            "slots_per_layer": layout.share if per_layer else None, "share": slots / trace.total_experts,
             "hit_rate": c["hits"] / c["unique"] if c["unique"] else float("nan"), "transfers": c["fetched"],
             "substitution_rate": c["substituted"] / c["routed"] if c["routed"] else 0.0,
             "steps": int(trace.idx.shape[0])}
