@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
 from moejax import checkpoint
+from moejax.checkpoint import DTYPES
 from moejax.config import MoEConfig
 from moejax.errors import CheckpointError
 from moejax.model.decoder import Decoder, empty_cache
 
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hugging Face Hub spells them
+# What a conversion reads: config, tokenizer, safetensors (never *.bin, *.pt or other formats;
+# nor the copies in Mistral's own layout that some repositories hold beside the HF one)
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+HUB_SKIP = ["consolidated*", "original/*"]
 
 
 class Model:
@@ -80,23 +85,63 @@ def enable_compile_cache() -> Path | None:
     return Path(path)
 
 
-def _converted_copy(src: Path) -> Path:
-    """Convert an HF directory once into the cache, keyed by its path and file stamps."""
-    from moejax.convert import convert
+def _converted_copy(src: Path, name: str | None = None) -> Path:
+    """Convert an HF directory once into the cache, keyed by its path and file stamps.
+
+    Processes converting the same directory at once take turns on a lock file beside the
+    cached copy: the first converts, the others find the finished copy. A copy appears
+    complete or not at all (convert renames it into place), so readers need no lock."""
+    from filelock import FileLock
+
+    from moejax.convert import convert, remove_stale
 
     h = hashlib.sha256(str(src.resolve()).encode())
     for f in sorted(src.iterdir()):
         if f.is_file():
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    dst = cache_dir() / f"{src.name}-{h.hexdigest()[:16]}"
-    if not checkpoint.is_checkpoint(dst):
-        convert(src, dst, force=True, progress=False)
+    cache = cache_dir()
+    dst = cache / f"{name or src.name}-{h.hexdigest()[:16]}"
+    if checkpoint.is_checkpoint(dst):
+        return dst
+    MoEConfig.from_hf(src)  # a bad config.json is reported before the cache is touched
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(cache / f".{dst.name}.lock")
+        lock.acquire()
+    except OSError as e:
+        raise CheckpointError(f"cannot write the conversion cache {cache} ({e.strerror or e}): "
+                              "set MOEJAX_CACHE to a writable directory") from None
+    try:
+        remove_stale(cache)  # what killed conversions left
+        if not checkpoint.is_checkpoint(dst):
+            convert(src, dst, force=True, progress=False)
+    finally:
+        lock.release()
     return dst
 
 
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a Hugging Face Hub model (config, tokenizer and safetensors
+    only), downloaded into the Hub's own cache unless it is there (HF_HUB_OFFLINE=1: only
+    what is there)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=HUB_FILES,
+                                                            ignore_patterns=HUB_SKIP))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{repo_id} is not a local directory and was not found on the Hugging Face Hub "
+                              f"({type(e).__name__}: {reason})") from None
+
+
 def resolve(path: str | Path) -> Path:
-    """A converted checkpoint directory for path: itself, or the cached conversion of an HF directory."""
+    """A converted checkpoint directory for path: itself, the cached conversion of an HF
+    directory, or of a Hugging Face Hub model ("owner/name", when no such path exists)."""
+    if not Path(path).exists() and HUB_ID.fullmatch(str(path)):
+        return _converted_copy(hub_snapshot(str(path)), name=str(path).replace("/", "--"))
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory")

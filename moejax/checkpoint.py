@@ -1,27 +1,32 @@
 """The moejax checkpoint format.
 
-    DIR/moejax.json         {"format": 1, "dtype": ..., "config": MoEConfig}
+    DIR/moejax.json         {"format": 1, "dtype": ..., "config": MoEConfig, "sizes": {file: bytes}}
     DIR/config.json         the source's HF config, verbatim
     DIR/tokenizer*.json ... the source's tokenizer files
     DIR/weights/global      orbax: embed, final_norm[, lm_head]
     DIR/weights/layer_000   orbax: one decoder layer; routed experts stacked [E, 3, H, I]
 
 One orbax item per layer so that conversion streams layer by layer and the offloaded
-engine can load a layer's experts into host memory without touching the device.
+engine can load a layer's experts into host memory without touching the device. `sizes`
+lists every file under weights/ with its size, so that a truncated file is reported by name
+before tensorstore reads it (checkpoints written without it are loaded unchecked).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from moejax.config import MoEConfig
 from moejax.errors import CheckpointError
 
 FORMAT = 1
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}  # a checkpoint's dtypes
 MARKER = "moejax.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -47,7 +52,10 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def write_meta(path: Path, cfg: MoEConfig, dtype: str) -> None:
-    meta = {"format": FORMAT, "dtype": dtype, "config": json.loads(cfg.to_json())}
+    """The marker file, written last: after every item is saved."""
+    files = sorted(f for f in (path / "weights").rglob("*") if f.is_file())
+    sizes = {f.relative_to(path).as_posix(): f.stat().st_size for f in files}
+    meta = {"format": FORMAT, "dtype": dtype, "config": json.loads(cfg.to_json()), "sizes": sizes}
     (path / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -74,13 +82,53 @@ def save_item(path: Path, name: str, tree: dict[str, np.ndarray]) -> None:
     ck.wait_until_finished()
 
 
+def _check_sizes(path: Path, name: str) -> None:
+    """Every file of item `name` has the size recorded at conversion."""
+    try:
+        sizes = json.loads((path / MARKER).read_text()).get("sizes", {})
+    except (OSError, ValueError, AttributeError):
+        return  # read_meta reports an unreadable marker
+    prefix = f"weights/{name}/"
+    for rel, size in sizes.items():
+        if rel.startswith(prefix):
+            f = path / rel
+            if not f.is_file():
+                raise CheckpointError(f"{path}: {rel} is missing (convert the checkpoint again)")
+            if f.stat().st_size != size:
+                raise CheckpointError(f"{path}: {rel} is truncated or altered ({f.stat().st_size} bytes, "
+                                      f"{size} written; convert the checkpoint again)")
+
+
+def _drop_closed_loop_noise() -> None:
+    """After a failed restore, tensorstore's reads still in flight call back into orbax's
+    event loop, closed by then, and each prints a traceback as an unraisable exception:
+    drop those (once installed, it stays: they come after the error has been raised)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "moejax", False):
+        return
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"):
+            previous(u)
+
+    hook.moejax = True
+    sys.unraisablehook = hook
+
+
 def load_item(path: Path, name: str) -> dict[str, np.ndarray]:
     """One item as host numpy arrays (never placed on a device)."""
+    path = Path(path)
     _check_path(path)
-    item = (Path(path) / "weights" / name).absolute()
+    item = (path / "weights" / name).absolute()
     if not item.is_dir():
         raise CheckpointError(f"{path}: missing weights/{name}")
-    return dict(_checkpointer().restore(item))
+    _check_sizes(path, name)
+    try:
+        return dict(_checkpointer().restore(item))
+    except ValueError as e:  # tensorstore: OUT_OF_RANGE, DATA_LOSS, ... (no sizes recorded, or same size)
+        _drop_closed_loop_noise()
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: weights/{name} is damaged (convert the checkpoint again): {reason}") from None
 
 
 def layer_name(i: int) -> str:

@@ -1,7 +1,8 @@
 """The model configuration: one frozen dataclass, built from a Hugging Face `config.json`.
 
 `MoEConfig.from_hf` is the one place that decides whether a checkpoint is supported. Each
-HF `model_type` has a module in `moejax.families` that maps its fields; anything we do not
+HF `model_type` has a module in `moejax.families` that maps its fields onto this class's
+keyword arguments (a dict: the families never import this module); anything we do not
 implement (a rope scaling, a sliding window, an unknown family) raises `UnsupportedConfig`
 naming the field, instead of silently computing something else.
 """
@@ -13,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moejax import families
 from moejax.errors import CheckpointError, UnsupportedConfig
 
 __all__ = ["MoEConfig", "UnsupportedConfig", "read_hf_config"]
@@ -147,11 +149,7 @@ class MoEConfig:
         """Build from an HF config dict, a config.json path, or a checkpoint directory."""
         if not isinstance(hf, dict):
             hf = read_hf_config(hf)
-        from moejax import families
-
-        model_type = hf.get("model_type")
-        family = families.get(model_type)
-        return family.config_from_hf(hf)
+        return cls(**families.get(hf.get("model_type")).fields(hf))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -166,12 +164,20 @@ class MoEConfig:
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """A config.json (or a directory's) as a dict; CheckpointError unless it is a JSON object."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no config.json in {path.parent}")
     try:
-        return json.loads(path.read_text())
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise UnsupportedConfig(f"{path} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} is not a JSON object (it holds a {type(hf).__name__})")
+    return hf

@@ -3,28 +3,29 @@
 The key map is declarative: `source_table(cfg, layout)` lists every tensor the source must
 hold, with its expected shape and where (and how transformed) it lands in our parameters.
 Unknown, missing, duplicate and mis-shaped tensors are all found from the headers before a
-byte is written; then layers are converted one at a time into a temporary directory that
-is renamed into place at the end.
+byte is written; then layers are converted one at a time into a temporary directory
+`.DST.tmp-PID` that is renamed into place at the end, so DST is either absent or complete.
+A conversion killed before the rename leaves its temporary directory behind; the next
+conversion into the same place removes it once process PID has ended.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
 from moejax import checkpoint, families
+from moejax.checkpoint import DTYPES
 from moejax.config import MoEConfig, read_hf_config
 from moejax.errors import CheckpointError, ConversionError
 from moejax.model.params import dtype_of, global_shapes, layer_shapes
 from moejax.safetensors_io import TensorInfo, index_checkpoint, read_tensor
-
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +189,43 @@ def _assemble(cfg: MoEConfig, sources: list[Source], shapes: dict, tensors: dict
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(parent: Path, name: str | None = None) -> None:
+    """Remove the `.NAME.tmp-PID` directories of conversions into parent whose process has
+    ended (all names when name is None: the cache, which only moejax writes), and the
+    `.NAME.old-PID` copies they had moved aside if NAME is back in place. Process ids are
+    those of this machine: do not share one cache between machines."""
+    pattern = re.compile(rf"\.({re.escape(name) if name else '.+'})\.(tmp|old)-(\d+)")
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or _alive(int(m[3])):
+            continue
+        if m[2] == "tmp" or (parent / m[1]).exists():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_apart(src: Path, dst: Path) -> None:
+    """DST may not be SRC, lie inside it or contain it: --force would delete the source."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d:
+        raise CheckpointError(f"destination {dst} is the source: choose another directory")
+    if s in d.parents:
+        raise CheckpointError(f"destination {dst} is inside the source {src}: choose another directory")
+    if d in s.parents:
+        raise CheckpointError(f"destination {dst} contains the source {src}: choose another directory")
+
+
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False,
             progress: bool = True) -> MoEConfig:
     """Convert an HF checkpoint directory into a moejax checkpoint at dst."""
@@ -198,6 +236,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: b
         raise CheckpointError(f"source {src} does not exist")
     if not src.is_dir():
         raise CheckpointError(f"source {src} is not a directory")
+    _check_apart(src, dst)
     if dst.exists() and not force:
         raise CheckpointError(f"destination {dst} exists (use --force to overwrite)")
     hf = read_hf_config(src)
@@ -217,10 +256,14 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: b
     for s in table.values():
         by_scope.setdefault(s.scope, []).append(s)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(dst.parent, dst.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot write {dst}: {e.strerror or e}") from None
     try:
         scopes = [None, *range(cfg.num_layers)]
         for scope in tqdm(scopes, desc=f"convert {src.name}", unit="layer", disable=not progress):

@@ -1,9 +1,10 @@
 """A small, strict safetensors reader (no torch; bf16 through ml_dtypes).
 
-Only headers are parsed up front; tensor data is read lazily through a memory map, one
-tensor at a time, so converting a model needs host memory for about one layer. Every
-header is validated against the file size, so a truncated or corrupt file is reported by
-name before anything is written.
+Only headers are parsed up front; tensor data is read lazily, one tensor at a time, with a
+plain read into a buffer of its own (no memory map, so no open file or mapping outlives
+the call), so converting a model needs host memory for about one layer. Every header is
+validated against the file size, so a truncated or corrupt file is reported by name
+before anything is written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import numpy as np
 
 from moejax.errors import ConversionError
 
-DTYPES = {
+# safetensors dtype codes (not a checkpoint's dtypes: those are moejax.checkpoint.DTYPES)
+SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
@@ -65,7 +67,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPES[meta["dtype"]]
+            dtype = SAFETENSORS_DTYPES[meta["dtype"]]
             shape = tuple(int(d) for d in meta["shape"])
             begin, end = (int(o) for o in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):

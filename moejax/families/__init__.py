@@ -1,10 +1,11 @@
 """One module per Hugging Face `model_type`.
 
 A family module states only what differs between families: how its config.json maps onto
-`MoEConfig`, how its routed experts are named on disk (`EXPERTS`), and optionally which
-on-disk tensors it knows and does not use (`ignored(key, cfg)`, e.g. deepseek_v3's
-multi-token-prediction layers). Everything else (attention, routing, key tables) is shared
-and driven by config flags.
+`MoEConfig`'s keyword arguments (`fields(hf) -> dict`; `MoEConfig.from_hf` builds the
+config, so no family imports moejax.config), how its routed experts are named on disk
+(`EXPERTS`), and optionally which on-disk tensors it knows and does not use
+(`ignored(key, cfg)`, e.g. deepseek_v3's multi-token-prediction layers). Everything else
+(attention, routing, key tables) is shared and driven by config flags.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import importlib
 import math
 from typing import Any
 
-from moejax.config import UnsupportedConfig
+from moejax.errors import UnsupportedConfig
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek", "deepseek_v2", "deepseek_v3")
 

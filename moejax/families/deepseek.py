@@ -8,17 +8,16 @@ moe_intermediate_size, and dense layers below `first_k_dense_replace` or off the
 `moe_layer_freq` grid. No routed scaling.
 """
 
-from moejax.config import MoEConfig
 from moejax.families import _reject, common_fields
 from moejax.families.deepseek_v2 import EXPERTS, moe_fields
 
-__all__ = ["EXPERTS", "config_from_hf"]
+__all__ = ["EXPERTS", "fields"]
 
 
-def config_from_hf(hf: dict) -> MoEConfig:
+def fields(hf: dict) -> dict:
     _reject(hf, "scoring_func", lambda v: v == "softmax")
     _reject(hf, "topk_method", lambda v: v == "greedy")
     moe = moe_fields(hf)
     moe["routed_scaling_factor"] = 1.0
     bias = bool(hf.get("attention_bias", False))
-    return MoEConfig(**common_fields(hf), **moe, qkv_bias=bias, o_bias=bias)
+    return dict(**common_fields(hf), **moe, qkv_bias=bias, o_bias=bias)

@@ -13,7 +13,6 @@ transformers' built-in DeepSeek-V2 ignores it. We follow the remote code (no rel
 checkpoint sets it).
 """
 
-from moejax.config import MoEConfig
 from moejax.errors import UnsupportedConfig
 from moejax.families import ExpertNames, _reject, common_fields
 
@@ -51,14 +50,14 @@ def mla_fields(hf: dict) -> dict:
                 head_dim=hf["qk_rope_head_dim"], num_kv_heads=hf["num_attention_heads"])
 
 
-def config_from_hf(hf: dict) -> MoEConfig:
+def fields(hf: dict) -> dict:
     _reject(hf, "scoring_func", lambda v: v == "softmax")
     method = hf.get("topk_method") or "greedy"
     if method not in ("greedy", "group_limited_greedy"):
         raise UnsupportedConfig(f"topk_method={method!r} is not supported for deepseek_v2 "
                                 "(greedy, group_limited_greedy)")
     groups = dict(n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1)
-    return MoEConfig(
+    return dict(
         **{**common_fields(hf), **mla_fields(hf)},
         **moe_fields(hf),
         **(groups if method == "group_limited_greedy" else {}),

@@ -10,20 +10,19 @@ are not used for decoding and are skipped on conversion. FP8 block-quantised che
 (a `quantization_config`) are rejected: convert a bfloat16 copy.
 """
 
-from moejax.config import MoEConfig
 from moejax.families import _reject, common_fields
 from moejax.families.deepseek_v2 import EXPERTS, mla_fields, moe_fields
 
-__all__ = ["EXPERTS", "config_from_hf", "ignored"]
+__all__ = ["EXPERTS", "fields", "ignored"]
 
 
-def config_from_hf(hf: dict) -> MoEConfig:
+def fields(hf: dict) -> dict:
     _reject(hf, "scoring_func", lambda v: v == "sigmoid")
     _reject(hf, "topk_method", lambda v: v == "noaux_tc")
     moe = moe_fields(hf)
     moe["norm_topk_prob"] = bool(hf.get("norm_topk_prob", True))
     moe["routed_scaling_factor"] = float(hf.get("routed_scaling_factor") or 2.5)
-    return MoEConfig(
+    return dict(
         **{**common_fields(hf), **mla_fields(hf)},
         **moe,
         router="sigmoid",
@@ -35,7 +34,7 @@ def config_from_hf(hf: dict) -> MoEConfig:
     )
 
 
-def ignored(key: str, cfg: MoEConfig) -> bool:
+def ignored(key: str, cfg) -> bool:
     """The multi-token-prediction module's tensors: layers numbered past the decoder's."""
     parts = key.split(".")
     return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() \

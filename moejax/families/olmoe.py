@@ -5,14 +5,13 @@ heads*head_dim) before the head split; optional `clip_qkv` clamp; `norm_topk_pro
 (default off); every layer is sparse.
 """
 
-from moejax.config import MoEConfig
 from moejax.families import ExpertNames, common_fields, num_experts
 
 EXPERTS = ExpertNames(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
 
-def config_from_hf(hf: dict) -> MoEConfig:
-    return MoEConfig(
+def fields(hf: dict) -> dict:
+    return dict(
         **common_fields(hf),
         num_experts=num_experts(hf, 64),
         top_k=hf.get("num_experts_per_tok", 8),

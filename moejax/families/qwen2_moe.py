@@ -5,14 +5,13 @@ on every token, scaled by sigmoid(shared_expert_gate(x)); `norm_topk_prob` (defa
 dense layers chosen by `mlp_only_layers` / `decoder_sparse_step`.
 """
 
-from moejax.config import MoEConfig
 from moejax.families import ExpertNames, common_fields, num_experts, sparse_layers
 
 EXPERTS = ExpertNames(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
 
-def config_from_hf(hf: dict) -> MoEConfig:
-    return MoEConfig(
+def fields(hf: dict) -> dict:
+    return dict(
         **common_fields(hf),
         num_experts=num_experts(hf, 60),
         top_k=hf.get("num_experts_per_tok", 4),

@@ -5,14 +5,13 @@ Differs from qwen2_moe: no shared expert; RMSNorm on each query/key head (`q_nor
 from hidden_size / heads.
 """
 
-from moejax.config import MoEConfig
 from moejax.families import ExpertNames, common_fields, num_experts, sparse_layers
 
 EXPERTS = ExpertNames(block="mlp", gate="gate_proj", up="up_proj", down="down_proj")
 
 
-def config_from_hf(hf: dict) -> MoEConfig:
-    return MoEConfig(
+def fields(hf: dict) -> dict:
+    return dict(
         **common_fields(hf),
         num_experts=num_experts(hf, 128),
         top_k=hf.get("num_experts_per_tok", 8),
