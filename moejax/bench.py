@@ -170,7 +170,8 @@ def machine_key() -> str:
                    "")
     except OSError:
         pass
-    return f"{dev.platform}:{dev.device_kind}, {platform.machine()}, {os.cpu_count()} cores" + (f", {cpu}" if cpu else "")
+    key = f"{dev.platform}:{dev.device_kind}, {platform.machine()}, {os.cpu_count()} cores"
+    return f"{key}, {cpu}" if cpu else key
 
 
 def _read_calibrations(file: Path, fp: str) -> dict:

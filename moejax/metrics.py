@@ -1,4 +1,4 @@
-"""Telemetry of an offloaded run, with DESIGN.md's metric definitions."""
+"""Telemetry of an offloaded run; the metric definitions are in docs/method.md ("Metric definitions")."""
 
 from __future__ import annotations
 

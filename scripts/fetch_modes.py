@@ -24,7 +24,7 @@ result has the pool's full shape, by opcode (a `copy` of it would be a whole-poo
 step: must be 0); conditionals; dynamic-update-slices. With --h200-plugin (a folder where
 `pip install --no-deps --target DIR jax-cuda12-plugin==<jax version> jax-cuda12-pjrt==<jax
 version>` put the CUDA plugin), the same decode program is also compiled for an H200 target by
-../shared/scripts/gpu_hlo.py and its async host->device copies and conditionals are counted.
+scripts/gpu_hlo.py and its async host->device copies and conditionals are counted.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.3, help="smoe's substitution threshold")
     p.add_argument("--h200-plugin", type=Path, default=None,
                    help="folder holding jax_plugins/xla_cuda12 (pip --target); enables the H200 HLO check")
-    p.add_argument("--gpu-hlo", type=Path, default=ROOT.parent / "shared/scripts")
+    p.add_argument("--gpu-hlo", type=Path, default=ROOT / "scripts", help="folder holding gpu_hlo.py")
     a = p.parse_args(argv)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT) if argv is None else "scripts/fetch_modes.py",
                                     *(sys.argv[1:] if argv is None else argv)])
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
            "settings": {"trials": a.trials, "new_tokens": a.new_tokens, "prompt_len": a.prompt_len,
                         "temperature": 0.0, "cache_len": S, "expert_bytes": parts[3].expert_bytes,
                         "moe_layers": len(cfg.moe_layer_ids), "experts": cfg.num_experts, "top_k": cfg.top_k},
-           "h200_check": f"../shared/scripts/gpu_hlo.py, jax-cuda12-plugin {_version('jax-cuda12-plugin')}"
+           "h200_check": f"scripts/gpu_hlo.py, jax-cuda12-plugin {_version('jax-cuda12-plugin')}"
            if h200 else h200_why,
            "rows": rows, "hlo": hlo}
     a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,8 @@ def containers(engine) -> dict[str, int]:
 def snapshot(engine, tokens: int) -> dict:
     gc.collect()
     return {"tokens": tokens, "rss_bytes": rss_bytes(), "live": live_arrays(),
-            "engine_device_bytes": engine.device_bytes(), "compiled_programs": len(getattr(engine, "compiled_programs", {})),
+            "engine_device_bytes": engine.device_bytes(),
+            "compiled_programs": len(getattr(engine, "compiled_programs", {})),
             "containers": containers(engine)}
 
 
@@ -82,7 +83,7 @@ def run(path, policy: str, budget: str, tokens: int, every: int, engine_kind: st
     from moejax.generate import cache_length
     from moejax.offload.budget import parse_budget
 
-    path = resolve(path)
+    given_path, path = path, resolve(path)
     cfg, _ = checkpoint.read_meta(path)
     tok = load_tokenizer(path)
     ids = tok.encode(prompt).ids if tok is not None else [1, 2, 3]
@@ -107,7 +108,9 @@ def run(path, policy: str, budget: str, tokens: int, every: int, engine_kind: st
                         stop_ids=cfg.eos_token_ids if stop else ())
     wall = time.perf_counter() - t0
     t = engine.telemetry
-    info = {"model": str(path), "prompt": prompt, "prompt_tokens": len(ids), "tokens": len(g.tokens[0]),
+    given = Path(given_path)
+    info = {"model": os.path.relpath(given, ROOT) if given.is_absolute() and ROOT in given.parents else str(given),
+            "converted": str(path), "prompt": prompt, "prompt_tokens": len(ids), "tokens": len(g.tokens[0]),
             "context": cfg.max_position_embeddings, "cache_len": S, "engine": engine_kind, "policy": policy,
             "budget": budget, "alpha": alpha, "plan": engine.plan.describe(), "wall_s": wall,
             "tpot_ms": g.tpot_ms, "hit_rate": t.hit_rate, "substitution_rate": t.substitution_rate,

@@ -1,4 +1,4 @@
-"""PAPER.md sections 1-3 on hand-built score vectors."""
+"""docs/method.md sections 1-3 on hand-built score vectors."""
 
 import jax.numpy as jnp
 import numpy as np

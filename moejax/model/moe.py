@@ -23,7 +23,7 @@ def router_scores(x, w_router, kind: str = "softmax", fp32: bool = False):
 
 
 def importance(scores, kind: str = "softmax"):
-    """Router scores [N, E] -> the importance PAPER.md's window compares: a probability
+    """Router scores [N, E] -> the importance window of docs/method.md (1-2) compares: a probability
     distribution over all routed experts. Softmax scores are one already; sigmoid scores
     (one independent gate per expert) are normalised by their sum over all experts, which
     keeps their order and makes the alpha window relative as it is for softmax routers.
