@@ -119,6 +119,23 @@ CASES = [
     Case("trace-engine", ["trace", "record", "--prompt", "x", "--out", "t.npz", "--engine", "fused"],
          "invalid choice: 'fused'"),
     Case("ppl-engine", ["eval", "ppl", "--text", "t.txt", "--engine", "fast"], "invalid choice: 'fast'"),
+    # conversion (more in tests/test_convert_safety.py: cases that need a real model or a hub cache)
+    Case("convert-dst-is-src", ["convert", "src", "src", "--force"], "destination src is the source",
+         lambda d: [(d / "src").mkdir(), (d / "src" / "model.safetensors").write_bytes(b"weights")]),
+    Case("convert-dst-inside-src", ["convert", "src", "src/out"], "is inside the source",
+         lambda d: [(d / "src").mkdir(), (d / "src" / "model.safetensors").write_bytes(b"weights")]),
+    Case("convert-dst-contains-src", ["convert", "{tmp}/src", "{tmp}", "--force"], "contains the source",
+         lambda d: [(d / "src").mkdir(), (d / "src" / "model.safetensors").write_bytes(b"weights")]),
+    Case("convert-config-binary", ["convert", "src", "out"], "src/config.json is not UTF-8 text",
+         lambda d: [(d / "src").mkdir(), (d / "src" / "config.json").write_bytes(b"\xff\xfe\x00binary")]),
+    Case("convert-config-list", ["convert", "src", "out"], "src/config.json is not a JSON object",
+         lambda d: [(d / "src").mkdir(), (d / "src" / "config.json").write_text("[1, 2, 3]")]),
+    Case("decode-model-config-binary", ["decode", "--model", "src", "--prompt", "x"], "is not UTF-8 text",
+         lambda d: [(d / "src").mkdir(), (d / "src" / "config.json").write_bytes(b"\xff\xfe\x00binary"),
+                    (d / "src" / "model.safetensors").write_bytes(b"")]),
+    Case("decode-model-config-list", ["decode", "--model", "src", "--prompt", "x"], "is not a JSON object",
+         lambda d: [(d / "src").mkdir(), (d / "src" / "config.json").write_text("[1, 2, 3]"),
+                    (d / "src" / "model.safetensors").write_bytes(b"")]),
 ]
 
 
