@@ -1,4 +1,5 @@
-"""`moejax convert|decode|bench|calibrate|trace|replay|eval`: thin argparse front ends; heavy imports happen inside commands.
+"""`moejax convert|decode|bench|calibrate|trace|replay|eval`: thin argparse front ends; heavy
+imports happen inside commands.
 
 Bad input (a `MoejaxError`, or a flag argparse rejects) prints one line `error: ...` on
 stderr and exits with code 2, never a traceback. Commands that compile keep the compiled
@@ -680,7 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("trace", help="a trace written by `moejax trace record`")
     r.add_argument("--model", help="check that the trace was recorded with this model")
     r.add_argument("--policy", default="lru,lfu,score,belady",
-                   help="comma-separated, of ondemand, lru, lfu, score, score-sub, belady (default lru,lfu,score,belady)")
+                   help="comma-separated, of ondemand, lru, lfu, score, score-sub, belady "
+                        "(default lru,lfu,score,belady)")
     r.add_argument("--cache", default="10%,25%,50%,75%",
                    help="comma-separated pool sizes: slot counts or percentages of all routed experts")
     r.add_argument("--per-layer", action="store_true",
@@ -707,7 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--text", required=True, help="UTF-8 text file to score")
     es.add_argument("--vram-budget", default="25%", help=BUDGET_HELP + " (default 25%%)")
     es.add_argument("--policy", choices=offloaded, default="smoe", help="expert cache policy (default smoe)")
-    es.add_argument("--alphas", default="0,0.1,0.2,0.25,0.3,0.35,0.45,0.6", help="comma-separated alphas, each in [0, 1)")
+    es.add_argument("--alphas", default="0,0.1,0.2,0.25,0.3,0.35,0.45,0.6",
+                    help="comma-separated alphas, each in [0, 1)")
     es.add_argument("--prefix", type=int, default=16, help="tokens prefilled before teacher forcing starts")
     es.add_argument("--max-tokens", type=int, default=512, help="tokens of --text scored (default 512)")
     es.add_argument("--new-tokens", type=int, default=32, help="tokens generated to time TPOT")
