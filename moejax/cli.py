@@ -567,7 +567,8 @@ def _link(args, parts, path):
     return parse_link(getattr(args, "link", "real"))
 
 
-MODEL_HELP = "converted or Hugging Face checkpoint directory (default: the bundled model)"
+MODEL_HELP = ("converted or Hugging Face checkpoint directory, or a Hugging Face Hub id owner/name "
+              "(downloaded and converted into $MOEJAX_CACHE; default: the bundled model)")
 BUDGET_HELP = ("device memory for weights + KV cache + expert pool (512MiB, 6GiB, 1.5GB; a plain number is "
                "bytes), or PCT%% = the share of routed experts the pool holds")
 
