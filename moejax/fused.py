@@ -115,6 +115,10 @@ class FusedEngine(OffloadedGeneration):
         self.layout.check(min(self.batch * self.config.top_k, self.config.num_experts))
         self.compiled_programs = {}
         self.full = plan.pool_slots == plan.total_experts and self.policy.reuse  # nothing is ever evicted
+        # Each MoE layer is a nested jit, so Python traces and lowers its body once for all
+        # layers (XLA inlines the calls: the compiled program is the same unrolled one).
+        self._decode_layer = jax.jit(self._moe_decode, static_argnums=0)
+        self._prefill_layer = jax.jit(self._moe_prefill, static_argnums=0)
         self.reset()
 
     def reset(self) -> None:
@@ -142,30 +146,29 @@ class FusedEngine(OffloadedGeneration):
         return {k: int(v) for k, v in jax.device_get(self.state["counters"]).items()}
 
     # ---- the program's pieces -----------------------------------------------------------
-    def _moe_decode(self, layers, stacks, i, x, kv, pos, cos, sin, pool, state):
+    def _moe_decode(self, gd, lp, nxt, stack, nxt_stack, sim, mi, x, kv, pos, cos, sin, pool, state):
+        """One MoE layer of a decode step, traced once for all layers (the layer's params lp,
+        its index mi, its host stack and the next MoE layer's (router, bias, norm) `nxt` and
+        stack, None for the last, are arguments; see _layer_programs)."""
         cfg, pol, lay = self.config, self.policy, self.layout
-        m = self.moe_ids.index(i)
-        x, kv, h, dense, scores, weights, idx = attend_route(layers[i], x, kv, pos, cos, sin)
+        x, kv, h, dense, scores, weights, idx = attend_route(nnx.merge(gd, lp), x, kv, pos, cos, sin)
         if self.full:  # every expert stays at slot m * E + e: nothing to decide, fetch or substitute
             n = D.unique_first(idx.reshape(-1), size=min(idx.size, cfg.num_experts))[2]
             for name, v in (("hits", n), ("unique", n), ("routed", idx.size)):
                 state = D._count(state, name, v)
-            out = dense + moe.experts_indexed(h, pool, m * cfg.num_experts + idx, weights)
+            out = dense + moe.experts_indexed(h, pool, mi * cfg.num_experts + idx, weights)
             return x + out.reshape(x.shape), kv, pool, state
-        sim = None if self.similarity is None else self.similarity[m]
-        mi, none = jnp.int32(m), jnp.zeros(cfg.num_experts, bool)  # traced layer: one trace for all layers
+        none = jnp.zeros(cfg.num_experts, bool)
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
-        nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
         once = jnp.minimum(jnp.sum(idx >= 0), 1)  # a traced 1 (cache.read_first)
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
-        if pol.prefetch and nxt:  # from the pool before this layer's fetches land
-            nxt_w = next_layer(layers, i)
+        if pol.prefetch and nxt is not None:  # from the pool before this layer's fetches land
             like = (jnp.zeros(idx.size, jnp.int32), jnp.zeros(idx.size, bool))  # predicted ids, valid
-            pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt_w, x, h, dense, p, before,
+            pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt, x, h, dense, p, before,
                                                                       before >= 0, weights), once, like)
-        pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
-        slots = state["table"][m][experts]  # [N, k]
-        if pol.prefetch and nxt:  # the prefetch below writes into the pool: after these reads
+        pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
+        slots = state["table"][mi][experts]  # [N, k]
+        if pol.prefetch and nxt is not None:  # the prefetch below writes into the pool: after these reads
             pool, routed = read_first(pool, lambda p: moe.experts_indexed(h, p, slots, weights),
                                       once, jnp.zeros_like(h))
         else:
@@ -173,19 +176,19 @@ class FusedEngine(OffloadedGeneration):
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
-        if pol.prefetch and nxt:
+        if pol.prefetch and nxt is not None:
             state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
-            pool = write_fetches(pool, stacks[m + 1], pf, self.store.device_sharding, self.fetch_mode)
+            pool = write_fetches(pool, nxt_stack, pf, self.store.device_sharding, self.fetch_mode)
         return x, kv, pool, state
 
-    def _moe_prefill(self, layers, stacks, i, x, kv, pos, cos, sin, pool, state, valid):
+    def _moe_prefill(self, gd, lp, stack, mi, x, kv, pos, cos, sin, pool, state, valid):
+        """One MoE layer of a prompt, traced once for all layers (as _moe_decode)."""
         cfg, pol, lay = self.config, self.policy, self.layout
-        m = self.moe_ids.index(i)
-        x, kv, h, dense, _, weights, idx = attend_route(layers[i], x, kv, pos, cos, sin)
+        x, kv, h, dense, _, weights, idx = attend_route(nnx.merge(gd, lp), x, kv, pos, cos, sin)
         E = cfg.num_experts
         if self.full:  # every expert resident: the resident model's loop over all experts
             ids = jnp.arange(E, dtype=jnp.int32)
-            acc, pool = moe.experts_ordered(h, pool, m * E + ids, ids, jnp.ones(E, bool), idx, weights,
+            acc, pool = moe.experts_ordered(h, pool, mi * E + ids, ids, jnp.ones(E, bool), idx, weights,
                                             jnp.zeros_like(h))
             return x + (dense + acc).reshape(x.shape), kv, pool, state
         need, n_need = D.needed_sorted(idx, valid, cfg.num_experts)
@@ -195,26 +198,34 @@ class FusedEngine(OffloadedGeneration):
         for g in range(groups):
             group = need[g * G:(g + 1) * G]
             ok = g * G + jnp.arange(G) < n_need
-            state, fetches = D.prefill_group_step(lay, pol, state, jnp.int32(m), group, ok)
-            pool = write_fetches(pool, stacks[m], fetches, self.store.device_sharding, self.fetch_mode)
-            rows = jnp.where(ok, state["table"][m][group], 0)
+            state, fetches = D.prefill_group_step(lay, pol, state, mi, group, ok)
+            pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
+            rows = jnp.where(ok, state["table"][mi][group], 0)
             acc, pool = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc)
         if not pol.reuse:
-            state = D.release_step(lay, state, jnp.int32(m), need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
+            state = D.release_step(lay, state, mi, need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
         return x + (dense + acc).reshape(x.shape), kv, pool, state
 
     def _run_layers(self, params, stacks, pool, kv, state, x, pos, valid=None):
         module = nnx.merge(self.graphdef, params)
         B, T, _ = x.shape
         cos, sin = rope(self.config, pos, T, B, self.dtype)
-        kv = list(kv)
-        for i, layer in enumerate(module.layers):
+        kv, layers = list(kv), module.layers
+        for i, layer in enumerate(layers):
             if not self.config.moe_layers[i]:
                 x, kv[i] = layer(x, kv[i], pos, cos, sin)
-            elif valid is None:
-                x, kv[i], pool, state = self._moe_decode(module.layers, stacks, i, x, kv[i], pos, cos, sin, pool, state)
+                continue
+            m = self.moe_ids.index(i)
+            gd, lp = nnx.split(layer)
+            if valid is None:
+                last = i + 1 == len(layers) or not self.config.moe_layers[i + 1]
+                nxt = None if last else next_layer(layers, i)
+                sim = None if self.similarity is None else self.similarity[m]
+                x, kv[i], pool, state = self._decode_layer(gd, lp, nxt, stacks[m], None if last else stacks[m + 1], sim,
+                                                           jnp.int32(m), x, kv[i], pos, cos, sin, pool, state)
             else:
-                x, kv[i], pool, state = self._moe_prefill(module.layers, stacks, i, x, kv[i], pos, cos, sin, pool, state, valid)
+                x, kv[i], pool, state = self._prefill_layer(gd, lp, stacks[m], jnp.int32(m), x, kv[i], pos, cos, sin,
+                                                            pool, state, valid)
         return module, x, pool, tuple(kv), state
 
     # ---- programs -----------------------------------------------------------------------
@@ -244,23 +255,28 @@ class FusedEngine(OffloadedGeneration):
         return (self.params, self.stacks, self.pool, tuple(self.kv), self.state, jnp.asarray(x, jnp.int32),
                 jnp.int32(pos), key)
 
-    def _ensure(self, kind: str, args, temperature: float, top_p: float):
-        """The compiled program for these argument shapes (compiled once, ahead of time).
-        Its temporaries are budgeted: if they do not fit an absolute budget next to the
-        pool, the pool shrinks and the engine starts over (raises _Rebuilt)."""
-        key = (kind, args[5].shape, temperature, top_p)
-        if key not in self.compiled_programs:
-            fn = (self._decode_fn if kind == "decode" else self._prefill_fn)(temperature, top_p)
-            t0 = time.perf_counter()
-            compiled = jax.jit(fn, donate_argnums=(2, 3, 4)).lower(*args).compile()
-            self.compile_s += time.perf_counter() - t0
-            self.compiled_programs[key] = compiled
-            mem = compiled.memory_analysis()
+    def _ensure(self, programs, temperature: float, top_p: float) -> None:
+        """Compile ahead of time the programs {kind: args} not compiled yet for these argument
+        shapes. Their temporaries are budgeted: if they do not fit an absolute budget next to
+        the pool, the pool shrinks and the engine starts over (raises _Rebuilt)."""
+        t0 = time.perf_counter()
+        todo = {}
+        for kind, args in programs.items():
+            key = (kind, args[5].shape, temperature, top_p)
+            if key not in self.compiled_programs:
+                fn = (self._decode_fn if kind == "decode" else self._prefill_fn)(temperature, top_p)
+                todo[key] = jax.jit(fn, donate_argnums=(2, 3, 4)).lower(*args)
+        if not todo:
+            return
+        compiled = [lowered.compile() for lowered in todo.values()]  # side by side in threads: no faster
+        self.compile_s += time.perf_counter() - t0
+        self.compiled_programs.update(zip(todo, compiled))
+        for program in compiled:
+            mem = program.memory_analysis()
             temp = int(getattr(mem, "temp_size_in_bytes", 0) or 0) if mem is not None else 0
             if temp > self._program_bytes:
                 self._program_bytes = temp
                 self._fit()
-        return self.compiled_programs[key]
 
     def _fit(self) -> None:
         """Budget the largest compiled program's temporaries. An absolute budget takes them from
@@ -286,7 +302,9 @@ class FusedEngine(OffloadedGeneration):
                               f"{self.plan.budget_bytes / 2**20:.2f} MiB for the fused engine ({self.plan.describe()})")
 
     def _run(self, kind, x, pos, key, temperature, top_p):
-        program = self._ensure(kind, self._args(x, pos, key), temperature, top_p)
+        args = self._args(x, pos, key)
+        self._ensure({kind: args}, temperature, top_p)
+        program = self.compiled_programs[(kind, args[5].shape, temperature, top_p)]
         tok, logits, self.pool, kv, self.state = program(*self._args(x, pos, key))
         self.kv = list(kv)
         return tok, logits
@@ -301,8 +319,8 @@ class FusedEngine(OffloadedGeneration):
         key, temperature, top_p = jax.random.PRNGKey(0), float(temperature), float(top_p)
         for _ in range(4):
             try:
-                self._ensure("decode", self._args(np.zeros(self.batch, np.int32), 0, key), temperature, top_p)
-                self._ensure("prefill", self._args(padded, prompt_len, key), temperature, top_p)
+                self._ensure({"decode": self._args(np.zeros(self.batch, np.int32), 0, key),
+                              "prefill": self._args(padded, prompt_len, key)}, temperature, top_p)
                 return
             except _Rebuilt:
                 continue
