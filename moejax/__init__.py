@@ -17,9 +17,19 @@ def _round_every_op() -> None:
 
 _round_every_op()
 
-from moejax.api import Model, load  # noqa: E402
-from moejax.config import MoEConfig  # noqa: E402
 from moejax.errors import MoejaxError  # noqa: E402
 
 __all__ = ["Model", "MoEConfig", "MoejaxError", "load"]
 __version__ = "0.1.0"
+
+_LAZY = {"Model": "moejax.api", "load": "moejax.api", "MoEConfig": "moejax.config"}
+
+
+def __getattr__(name):
+    """Model, load and MoEConfig are imported on first use, so that `moejax -h` and a bad
+    flag answer without importing JAX and Flax (seconds)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moejax' has no attribute {name!r}")
