@@ -199,7 +199,7 @@ def paper_link(parts, path: str | Path | None = None, recalibrate: bool = False,
     from moejax.offload.store import Link
 
     log = log or (lambda line: print(line, file=sys.stderr))
-    cfg, store = parts[0], parts[3]
+    cfg, store = parts.config, parts.store
     key, fp = machine_key(), fingerprint(cfg)
     file = Path(path) / LINK_FILE if path is not None else None
     machines = _read_calibrations(file, fp) if file is not None else {}

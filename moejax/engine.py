@@ -38,7 +38,7 @@ from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
 from moejax.offload.cache import new_pool, write_block
 from moejax.offload.policies import make_policy
-from moejax.offload.store import Link, Transfer, load_parts  # noqa: F401  (load_parts: public here too)
+from moejax.offload.store import Link, Parts, Transfer, load_parts  # noqa: F401  (load_parts: public here too)
 
 
 def _rope(cfg, x, pos):
@@ -109,11 +109,11 @@ class OffloadEngine(OffloadedGeneration):
 
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
-                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16, parts=None,
-                 link: Link | None = None):
+                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16,
+                 parts: Parts | None = None, link: Link | None = None):
         path = Path(path)
         cfg, glob, layers, self.store = parts or load_parts(path)
-        self.config, self.path, self.batch, self.cache_len = cfg, path, batch, cache_len
+        self.config, self.batch, self.cache_len = cfg, batch, cache_len
         self.policy_name = policy
         self.link = link or Link()
         self.recorder = None  # a moejax.eval.trace.TraceRecorder, to record the routing

@@ -37,6 +37,7 @@ from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
 from moejax.offload.cache import new_pool, read_first, write_fetches
 from moejax.offload.importance import classify
+from moejax.offload.store import Parts
 from moejax.offload.policies import make_policy
 
 
@@ -84,14 +85,14 @@ class FusedEngine(OffloadedGeneration):
 
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
-                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16, parts=None,
-                 link=None, fetch_mode: str = "cond"):
+                 similarity: dict[int, np.ndarray] | None = None, score_window: int = 16,
+                 parts: Parts | None = None, link=None, fetch_mode: str = "cond"):
         from moejax.offload.store import Link, load_parts
 
         cfg, glob, layers, self.store = parts or load_parts(Path(path))
         if self.store.memory_kind != "pinned_host":
             raise MoejaxError("the fused engine needs pinned_host memory on this backend; use --engine stepwise")
-        self.config, self.path, self.batch, self.cache_len = cfg, Path(path), batch, cache_len
+        self.config, self.batch, self.cache_len = cfg, batch, cache_len
         self.policy_name, self.fetch_mode, self.link = policy, fetch_mode, link or Link()
         self.policy = make_policy(policy, alpha, substitute, score_window)
         self.module = Decoder(cfg, glob, layers, offloaded=True)  # dense weights -> device

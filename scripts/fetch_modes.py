@@ -196,7 +196,7 @@ def main(argv=None) -> int:
 
     path = resolve(a.model)
     parts = load_parts(path)
-    cfg = parts[0]
+    cfg = parts.config
     tok = load_tokenizer(path)
     S = cache_length(a.prompt_len, a.new_tokens)
     modes = ("cond", "always")
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     rows, hlo = [], []
     load0 = os.getloadavg()
     print(f"{path}: {len(cfg.moe_layer_ids)} MoE layers x {cfg.num_experts} experts, top-{cfg.top_k}, "
-          f"expert {parts[3].expert_bytes} B; {a.trials} trials x {a.new_tokens} tokens", file=sys.stderr)
+          f"expert {parts.store.expert_bytes} B; {a.trials} trials x {a.new_tokens} tokens", file=sys.stderr)
     for batch in [int(b) for b in a.batches.split(",")]:
         prompt = prompt_tokens(tok, cfg.vocab_size, batch, a.prompt_len)
         for budget, policy in configs:
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
            else os.path.relpath(a.model, ROOT), "converted": str(path),
            "load_avg_1min_start_end": [load0[0], os.getloadavg()[0]],
            "settings": {"trials": a.trials, "new_tokens": a.new_tokens, "prompt_len": a.prompt_len,
-                        "temperature": 0.0, "cache_len": S, "expert_bytes": parts[3].expert_bytes,
+                        "temperature": 0.0, "cache_len": S, "expert_bytes": parts.store.expert_bytes,
                         "moe_layers": len(cfg.moe_layer_ids), "experts": cfg.num_experts, "top_k": cfg.top_k},
            "h200_check": f"scripts/gpu_hlo.py, jax-cuda12-plugin {_version('jax-cuda12-plugin')}"
            if h200 else h200_why,

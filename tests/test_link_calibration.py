@@ -50,7 +50,7 @@ def test_second_use_reads_the_stored_link(tiny, timings):
     lines = []
     first = bench.paper_link(parts, path, log=lines.append)
     assert len(timings) == 1 and (path / bench.LINK_FILE).is_file()
-    assert first.bandwidth == pytest.approx(parts[3].expert_bytes / (28 * 1e-4))
+    assert first.bandwidth == pytest.approx(parts.store.expert_bytes / (28 * 1e-4))
     assert "measured now, stored in" in lines[-1] and "GB/s" in lines[-1]
     second = bench.paper_link(parts, path, log=lines.append)
     assert len(timings) == 1, "the second use timed again"

@@ -6,9 +6,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+    from moejax.config import MoEConfig
 
 
 @dataclass(eq=False)  # identity, not field equality: two transfers of one expert are distinct
@@ -132,10 +136,17 @@ class HostExpertStore:
         return tr
 
 
-def load_parts(path):
-    """(config, global params, layer params without routed experts, host expert store):
-    what an engine needs from a checkpoint (a path). Engines may share one (benchmarks build
-    many)."""
+class Parts(NamedTuple):
+    """What an engine needs from a checkpoint. Engines may share one (benchmarks build many)."""
+
+    config: "MoEConfig"
+    glob: dict  # global params (embedding, final norm, LM head)
+    layers: list  # per-layer params, without the routed experts
+    store: HostExpertStore  # the routed experts, in host memory
+
+
+def load_parts(path) -> Parts:
+    """A checkpoint (a path) -> Parts; the routed experts never touch the device here."""
     from pathlib import Path
 
     from moejax import checkpoint
@@ -149,4 +160,4 @@ def load_parts(path):
         if cfg.moe_layers[i]:
             experts[i] = p.pop("experts")
         layers.append(p)
-    return cfg, glob, layers, HostExpertStore(experts)  # routed experts never touch the device here
+    return Parts(cfg, glob, layers, HostExpertStore(experts))
