@@ -1,17 +1,18 @@
 """Measurements for docs/benchmarks.md on a machine with an accelerator, in one run.
 
-    python scripts/device_check.py --out DIR [--bench-model DIR]
+    PYTHONPATH=. python scripts/device_check.py --out DIR [--deadline 480]
 
-1. the device and its memory kinds (is `pinned_host` there?);
-2. host -> device bandwidth of `jax.device_put` from pinned host memory and from numpy
-   (pageable), by transfer size;
-3. transfer/compute overlap (scripts/overlap_probe.py): expert-sized transfers and a chain
-   of matmuls, alone and started together, from one thread and from two;
-4. exactness of the offloaded engine against the resident model on this device;
-5. the policy benchmark for real (no link emulation) on a random 4-layer model with 32
-   Qwen1.5-MoE-sized experts per layer ([3, 2048, 1408], 17.3 MB in bfloat16), and on
-   --bench-model if given.
-Every part writes its own JSON file under --out, so a part that fails does not lose the rest.
+Parts, most wanted first (each writes DIR/NAME.json; a part that fails does not lose the
+rest; parts not started by --deadline seconds are skipped and say so):
+1. device: the device and its memory kinds (is `pinned_host` there?);
+2. onepass: scripts/onepass_check.py (in-program fetches: async? overlapped with compute?);
+3. bench_padded: the fused engine on the bundled model with its experts zero-padded to
+   Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB experts):
+   resident, lru and smoe at 100% and 25%, batch 1 and 3 (issue 11's GPU goals);
+4. bandwidth: host -> device `jax.device_put` from pinned host memory and from numpy;
+5. overlap: scripts/overlap_probe.py (transfers and matmuls alone and together);
+6. exactness: both engines against the resident model on this device (lru, smoe; 25%);
+7. bench_bundled: the bundled model itself, both engines side by side.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def exactness(model_dir: Path):
     ref = m.generate(prompt, 16).tokens
     rows = []
     for kind in ENGINES:
-        for policy in ("ondemand", "lru", "lfu", "lru-prefetch", "score", "smoe"):
-            for pct in (1.0, 0.25):
+        for policy in ("lru", "smoe"):
+            for pct in (0.25,):
                 e = make_engine(kind, model_dir, policy, ("pct", pct), cache_len=64)
                 g = e.generate(prompt, 16)
                 rows.append({"engine": kind, "policy": policy, "pct": pct, "tokens_equal": g.tokens == ref,
@@ -127,15 +128,35 @@ def exactness(model_dir: Path):
     return {"rows": rows, "all_equal": all(r["tokens_equal"] for r in rows)}
 
 
-def bench(model_dir: Path, alpha: float, batches, trials: int, new_tokens: int):
+def bench(model_dir: Path, alpha: float, batches, trials: int, new_tokens: int, engines, policies,
+          budgets=("100%", "25%")):
     from moejax.bench import machine, markdown, run_bench
+    from moejax.offload.budget import parse_budget
 
-    policies = ["resident", "ondemand", "lru", "lfu", "lru-prefetch", "score", "score-sub", "smoe"]
-    budgets = [("25%", ("pct", 0.25)), ("50%", ("pct", 0.5))]
-    records = run_bench(model_dir, budgets, batches, policies, new_tokens, 16, trials,
-                        dict(alpha=alpha, substitute="window", similarity=None, score_window=16), progress=False,
-                        engines=("fused", "stepwise"))
+    records = run_bench(model_dir, [(b, parse_budget(b)) for b in budgets], batches, policies, new_tokens, 16,
+                        trials, dict(alpha=alpha, substitute="window", similarity=None, score_window=16),
+                        progress=False, engines=engines)
     return {"meta": machine(), "alpha": alpha, "records": records, "markdown": markdown(records)}
+
+
+def onepass(out: Path):
+    import subprocess
+
+    script = Path(__file__).with_name("onepass_check.py")
+    r = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    res = json.loads((out / "onepass.json").read_text()) if (out / "onepass.json").is_file() else {}
+    return {"returncode": r.returncode, "stderr_tail": r.stderr[-2000:], **res}
+
+
+def padded(root: Path) -> Path:
+    from pad_experts import pad_experts  # scripts/ is on sys.path when this script runs
+
+    from moejax import api
+
+    dst = root / "bundled-padded"
+    pad_experts(api.resolve(Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe"), dst,
+                15040)
+    return dst
 
 
 def main(argv=None) -> int:
@@ -145,25 +166,33 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--skip", default="", help="comma-separated parts to skip")
+    p.add_argument("--deadline", type=float, default=480, help="seconds after which no part starts")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
-    skip = set(a.skip.split(","))
+    skip, t0 = set(a.skip.split(",")), time.perf_counter()
+
+    def run(name, fn):
+        if name in skip:
+            return
+        if time.perf_counter() - t0 > a.deadline:
+            (a.out / f"{name}.json").write_text(json.dumps({"status": "skipped: past --deadline"}) + "\n")
+            print(f"[{name}] skipped (deadline)", flush=True)
+            return
+        part(a.out, name, fn)
+
     part(a.out, "device", device_info)
-    if "bandwidth" not in skip:
-        part(a.out, "bandwidth", bandwidth)
-    if "overlap" not in skip:
-        part(a.out, "overlap", overlap)
+    run("onepass", lambda: onepass(a.out))
     with tempfile.TemporaryDirectory() as tmp:
+        run("bench_padded", lambda: bench(padded(Path(tmp)), a.alpha, [1, 3], a.trials, 32, ("fused",),
+                                          ["resident", "lru", "smoe"]))
+        run("bandwidth", bandwidth)
+        run("overlap", overlap)
         small = Path(tmp) / "small"
         random_checkpoint(small, 256, 4, 16, 4, 128, 256, "float32")
-        if "exactness" not in skip:
-            part(a.out, "exactness", lambda: exactness(small))
-        if "bench" not in skip:
-            big = Path(tmp) / "qwen15-sized"
-            random_checkpoint(big, 2048, 4, 32, 4, 1408, 5632, "bfloat16")
-            part(a.out, "bench_qwen15_sized", lambda: bench(big, a.alpha, [1, 3], a.trials, 32))
-            if a.bench_model:
-                part(a.out, "bench_model", lambda: bench(a.bench_model, a.alpha, [1, 3], a.trials, 32))
+        run("exactness", lambda: exactness(small))
+        bundled = Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe"
+        run("bench_bundled", lambda: bench(bundled, a.alpha, [1, 3], a.trials, 32, ("fused", "stepwise"),
+                                           ["resident", "lru", "smoe"]))
     return 0
 
 

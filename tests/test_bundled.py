@@ -66,3 +66,20 @@ def test_offloaded_bfloat16_decode_equals_resident(cache, kind, policy, budget):
     ref = model.generate(ids, 40)
     e = make_engine(kind, model.path, policy, ("pct", budget), alpha=0.0, cache_len=64)
     assert e.generate(ids, 40).tokens == ref.tokens
+
+
+def test_padded_experts_keep_the_model(cache, tmp_path):
+    """scripts/pad_experts.py (the GPU check's large-expert model): zero-padded experts give the
+    bundled model's logits (float32: the padding adds exact zeros) and its greedy tokens."""
+    import sys
+
+    sys.path.insert(0, str(PATH.parent.parent / "scripts"))
+    from pad_experts import pad_experts
+
+    src = moejax.api.resolve(PATH)
+    n = pad_experts(src, tmp_path / "padded", 256)
+    ref, padded = moejax.load(src, dtype="float32"), moejax.load(tmp_path / "padded", dtype="float32")
+    assert padded.config.moe_intermediate_size == 256 and n == 3 * padded.config.hidden_size * 256 * 2  # bf16
+    ids = np.asarray([ref.tokenizer.encode("ROMEO: But soft, what light").ids])
+    np.testing.assert_allclose(padded.forward(ids), ref.forward(ids), rtol=1e-5, atol=1e-5)
+    assert padded.generate(ids, 8).tokens == ref.generate(ids, 8).tokens
