@@ -2,27 +2,21 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from tiny import make_tiny_hf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from moejax.cli import main  # noqa: E402
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_tiny_model
-
-    out = tmp_path_factory.mktemp("cli") / "tiny"
-    assert make_tiny_model.main([str(out), "--layers", "2", "--hidden", "32"]) == 0
-    return out
+    return make_tiny_hf(tmp_path_factory.mktemp("cli") / "tiny")
 
 
 def test_decode_streams_text_and_writes_json(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import make_tiny_hf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -17,18 +18,12 @@ from moejax import api, checkpoint  # noqa: E402
 from moejax.convert import convert  # noqa: E402
 from moejax.errors import CheckpointError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tiny_hf(tmp_path_factory):
     """A 2-layer HF checkpoint with a tokenizer."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_tiny_model
-
-    out = tmp_path_factory.mktemp("safety") / "tiny"
-    assert make_tiny_model.main([str(out), "--layers", "2", "--hidden", "32"]) == 0
-    return out
+    return make_tiny_hf(tmp_path_factory.mktemp("safety") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ model and machine, stored beside the checkpoint, and read back by every later us
 
 import argparse
 import json
-import sys
 
 import pytest
+from tiny import make_tiny_hf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -13,21 +13,16 @@ pytest.importorskip("transformers")
 from moejax import bench  # noqa: E402
 from moejax.cli import _link, main  # noqa: E402
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A converted tiny checkpoint (a directory of its own: the calibration is written into it)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_tiny_model
-
     from moejax.convert import convert
     from moejax.offload.store import load_parts
 
     root = tmp_path_factory.mktemp("link")
-    assert make_tiny_model.main([str(root / "hf"), "--layers", "2", "--hidden", "32"]) == 0
-    convert(root / "hf", root / "mj", progress=False)
+    convert(make_tiny_hf(root / "hf"), root / "mj", progress=False)
     return root / "mj", load_parts(root / "mj")
 
 

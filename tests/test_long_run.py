@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import make_tiny_hf
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -21,11 +22,7 @@ PER_STEP = {"stepwise": {"telemetry.sched_us": "moe_layers"}, "fused": {}}
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import make_tiny_model
-
-    out = tmp_path_factory.mktemp("long") / "tiny"
-    assert make_tiny_model.main([str(out), "--layers", "2", "--hidden", "32"]) == 0
-    return out
+    return make_tiny_hf(tmp_path_factory.mktemp("long") / "tiny")
 
 
 @pytest.mark.parametrize("engine", ["fused", "stepwise"])

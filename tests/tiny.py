@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 # Head layouts: (heads, kv_heads, head_dim override or None)
@@ -139,3 +140,13 @@ def _randomise(model, scale: float):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # deepseek_v3's selection bias, zeros at init
                 b.copy_(0.2 * torch.randn_like(b))
+
+
+def make_tiny_hf(out: Path) -> Path:
+    """The CLI tests' 2-layer, hidden-32 HF checkpoint with a tokenizer
+    (scripts/make_tiny_model.py), written to out."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import make_tiny_model
+
+    assert make_tiny_model.main([str(out), "--layers", "2", "--hidden", "32"]) == 0
+    return out
