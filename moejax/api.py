@@ -168,6 +168,6 @@ def load(path: str | Path, dtype: str | None = None) -> Model:
     if dtype is not None:
         if dtype not in DTYPES:
             raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        cast = lambda d: {k: v.astype(DTYPES[dtype]) for k, v in d.items()}  # noqa: E731
+        cast = lambda d: {k: v if v.dtype == np.uint8 else v.astype(DTYPES[dtype]) for k, v in d.items()}  # noqa: E731
         glob, layers = cast(glob), [cast(p) for p in layers]
     return Model(cfg, glob, layers, path)

@@ -131,8 +131,13 @@ def expert_compute_s(parts, reps: int = 200) -> float:
 
     from moejax.model import moe
 
-    cfg, _, _, store = parts
-    block = store.fetch(store.layers[0], 0).array[None]  # [1, 3, H, I] on the device
+    cfg, glob, _, store = parts
+    block = store.fetch(store.layers[0], 0).array  # [3, H, I] on the device
+    if cfg.quant is not None:  # timed as the model's dtype holds it: the link belongs to the machine
+        from moejax.quant import dequantize
+
+        block = dequantize(block, cfg.quant, glob["embed"].dtype)
+    block = block[None]  # [1, 3, H, I]
     x = jnp.ones((1, cfg.hidden_size), block.dtype)
     ids, w = np.zeros((1, 1), np.int32), np.ones((1, 1), np.float32)
     f = jax.jit(moe.experts_indexed)
@@ -157,6 +162,13 @@ def h2d_bandwidth(parts, n: int = 32) -> float:
     for key in keys:
         store.fetch(*key).array.block_until_ready()
     return len(keys) * store.expert_bytes / (time.perf_counter() - t)
+
+
+def plain_expert_bytes(parts) -> int:
+    """One routed expert's bytes in the model's dtype, quantized or not: what the paper link is
+    calibrated on, so that a quantized copy of a model gets the same link (and moves fewer bytes)."""
+    cfg = parts.config
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * np.dtype(parts.glob["embed"].dtype).itemsize
 
 
 def machine_key() -> str:
@@ -204,12 +216,13 @@ def paper_link(parts, path: str | Path | None = None, recalibrate: bool = False,
     file = Path(path) / LINK_FILE if path is not None else None
     machines = _read_calibrations(file, fp) if file is not None else {}
     entry = None if recalibrate else machines.get(key)
-    if entry is not None and entry.get("expert_bytes") == store.expert_bytes and entry.get("bandwidth", 0) > 0:
+    eb = plain_expert_bytes(parts)
+    if entry is not None and entry.get("expert_bytes") == eb and entry.get("bandwidth", 0) > 0:
         how = f"calibrated {entry['date']}, read from {file}"
     else:
         t = expert_compute_s(parts)
-        entry = {"expert_compute_s": t, "expert_bytes": store.expert_bytes, "ratio": PAPER_TRANSFER_TO_COMPUTE,
-                 "bandwidth": store.expert_bytes / (PAPER_TRANSFER_TO_COMPUTE * t), "date": date.today().isoformat()}
+        entry = {"expert_compute_s": t, "expert_bytes": eb, "ratio": PAPER_TRANSFER_TO_COMPUTE,
+                 "bandwidth": eb / (PAPER_TRANSFER_TO_COMPUTE * t), "date": date.today().isoformat()}
         how = "measured now"
         if file is not None:
             try:
@@ -220,7 +233,9 @@ def paper_link(parts, path: str | Path | None = None, recalibrate: bool = False,
             except OSError as e:
                 how += f", not stored ({e.strerror or e})"
     link = Link(bandwidth=entry["bandwidth"], latency=0.0)
-    log(f"--link emulated:paper: one expert ({store.expert_bytes / 2**10:.0f} KiB) computes in "
+    q = parts.config.quant
+    moved = f"; stored {q.describe()}: {store.expert_bytes / 2**10:.0f} KiB moved" if q else ""
+    log(f"--link emulated:paper: one expert ({eb / 2**10:.0f} KiB{moved}) computes in "
         f"{1e6 * entry['expert_compute_s']:.1f} us on this machine -> {link.describe()} ({how}; "
         "`moejax calibrate --link` measures again)")
     return link

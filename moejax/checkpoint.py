@@ -4,7 +4,9 @@
     DIR/config.json         the source's HF config, verbatim
     DIR/tokenizer*.json ... the source's tokenizer files
     DIR/weights/global      orbax: embed, final_norm[, lm_head]
-    DIR/weights/layer_000   orbax: one decoder layer; routed experts stacked [E, 3, H, I]
+    DIR/weights/layer_000   orbax: one decoder layer; routed experts stacked [E, 3, H, I], or
+                            packed rows [E, B] uint8 when quantized (config's expert_quant,
+                            moejax/quant.py)
 
 One orbax item per layer so that conversion streams layer by layer and the offloaded
 engine can load a layer's experts into host memory without touching the device. `sizes`
@@ -23,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from moejax.config import MoEConfig
-from moejax.errors import CheckpointError
+from moejax.errors import CheckpointError, UnsupportedConfig
 
 FORMAT = 1
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}  # a checkpoint's dtypes
@@ -67,6 +69,8 @@ def read_meta(path: Path) -> tuple[MoEConfig, str]:
         return MoEConfig.from_json(json.dumps(meta["config"])), meta["dtype"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a moejax checkpoint ({e})") from None
+    except UnsupportedConfig as e:  # e.g. experts quantized by a scheme this moejax does not know
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _check_path(path: Path) -> None:

@@ -168,9 +168,11 @@ def text_tokens(text: str, path: str, tok, min_tokens: int = 2):
 def cmd_convert(args) -> None:
     from moejax.convert import convert
 
-    cfg = convert(args.src, args.dst, dtype=args.dtype, force=args.force)
+    cfg = convert(args.src, args.dst, dtype=args.dtype, force=args.force, experts=args.experts,
+                  group_size=args.group_size)
+    quant = f", routed experts {cfg.quant.describe()}" if cfg.quant else ""
     print(f"converted {cfg.model_type}: {cfg.num_layers} layers, {cfg.num_experts} experts/layer, "
-          f"top-{cfg.top_k} -> {args.dst}", file=sys.stderr)
+          f"top-{cfg.top_k}{quant} -> {args.dst}", file=sys.stderr)
 
 
 def engine_kind(args) -> str:
@@ -392,6 +394,14 @@ def cmd_calibrate(args) -> None:
           f"(mean off-diagonal {sum(off) / len(off):.3f})", file=sys.stderr)
 
 
+def same_model(a, b) -> bool:
+    """Two configs of one model, whatever their routed experts are stored as."""
+    import dataclasses
+
+    plain = lambda c: dataclasses.replace(c, expert_quant="none", expert_group=0)  # noqa: E731
+    return plain(a) == plain(b)
+
+
 def cmd_eval_ppl(args) -> None:
     import moejax
     from moejax.engine import make_engine
@@ -404,16 +414,23 @@ def cmd_eval_ppl(args) -> None:
     text = read_text(args.text)
     check_output("--json", args.json)
     model = moejax.load(args.model or bundled_model())
+    reference = moejax.load(args.reference) if args.reference else None
+    if reference is not None and not same_model(reference.config, model.config):
+        raise MoejaxError(f"--reference {args.reference} is not the same model as --model (configs differ "
+                          "in more than how the routed experts are stored)")
     tokens = text_tokens(text, args.text, model.tokenizer, args.prefix + 1)[: args.max_tokens]
     S = cache_length(len(tokens), 0)
-    if args.policy == "resident":  # the model scored against itself: the reference point
+    if args.policy == "resident":  # the model scored against itself (or --reference): the reference point
         engine, plan = None, resident_plan(model.config, model.dtype, S, spec)
     else:
         engine = make_engine(kind, model.path, args.policy, spec, cache_len=S, per_layer=args.per_layer,
                              **sub.engine_kwargs(model.path, model.config))
         plan = engine.plan
-    result = evaluate(model, engine, tokens, args.prefix, progress=True)
-    result.update(engine=kind, policy=args.policy, pool="none" if engine is None else pool_kind(args.per_layer),
+    result = evaluate(model, engine, tokens, args.prefix, progress=True, reference=reference)
+    quant = model.config.quant
+    result.update(experts=quant.describe() if quant else model.dtype.name,
+                  reference=str(args.reference or "the same model, resident"), engine=kind, policy=args.policy,
+                  pool="none" if engine is None else pool_kind(args.per_layer),
                   alpha=sub.alpha, substitute=sub.mode, budget_bytes=plan.budget_bytes, pool_slots=plan.pool_slots)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     if args.json:
@@ -614,6 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weight dtype (default: the source's)")
+    c.add_argument("--experts", choices=["int8", "int4"], default=None,
+                   help="quantize the routed experts (weight-only; shared experts and dense weights stay in "
+                        "--dtype): int8 with a scale per output channel, int4 with group-wise scales "
+                        "(default: --dtype like the rest)")
+    c.add_argument("--group-size", type=int, default=None,
+                   help="int4: weights per scale along each matrix's input dimension; must divide the hidden "
+                        "and expert intermediate sizes (default 64)")
     c.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     c.set_defaults(func=cmd_convert)
 
@@ -702,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--policy", choices=ALL_NAMES, default="smoe", help="expert cache policy (default smoe)")
     ep.add_argument("--prefix", type=int, default=8, help="tokens prefilled before teacher forcing starts")
     ep.add_argument("--max-tokens", type=int, default=512, help="tokens of --text scored (default 512)")
+    ep.add_argument("--reference", help="score against this checkpoint's resident model instead of --model's "
+                    "(e.g. the bfloat16 original of a copy with quantized experts)")
     ep.add_argument("--json", help="write the result here")
     _engine_flags(ep)
     ep.set_defaults(func=cmd_eval_ppl)

@@ -81,6 +81,11 @@ class MoEConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # How the checkpoint stores routed experts (moejax/quant.py): "none" (the checkpoint's
+    # dtype, [3, H, I]), or "int8" / "int4" (one packed byte row each); expert_group: int4's
+    # group size along the contraction axis. Set by `moejax convert --experts`, never by HF.
+    expert_quant: str = "none"
+    expert_group: int = 0
 
     def __post_init__(self):
         if len(self.moe_layers) != self.num_layers:
@@ -115,6 +120,10 @@ class MoEConfig:
                                     "qk_nope_head_dim and v_head_dim")
         if self.head_dim % 2:
             raise UnsupportedConfig(f"rotary head dim {self.head_dim} must be even")
+        if self.expert_quant != "none":
+            from moejax.quant import check
+
+            check(self.expert_quant, self.expert_group, self.hidden_size, self.moe_intermediate_size)
 
     # ---- derived sizes ------------------------------------------------------------------
     @property
@@ -135,13 +144,25 @@ class MoEConfig:
         return (self.qk_nope_head_dim + self.head_dim) ** -0.5 * self.softmax_mscale
 
     @property
-    def expert_shape(self) -> tuple[int, int, int]:
-        """One routed expert as stored: [3, H, I] = (gate, up, down transposed)."""
-        return (3, self.hidden_size, self.moe_intermediate_size)
+    def quant(self):
+        """The quantized expert layout (`moejax.quant.Quant`), or None for plain experts."""
+        if self.expert_quant == "none":
+            return None
+        from moejax.quant import Quant
+
+        return Quant(self.expert_quant, self.expert_group, self.hidden_size, self.moe_intermediate_size)
+
+    @property
+    def expert_shape(self) -> tuple[int, ...]:
+        """One routed expert as stored: [3, H, I] = (gate, up, down transposed), or a
+        quantized expert's packed row [B] (uint8)."""
+        q = self.quant
+        return (3, self.hidden_size, self.moe_intermediate_size) if q is None else (q.nbytes,)
 
     def expert_bytes(self, itemsize: int) -> int:
-        s = self.expert_shape
-        return s[0] * s[1] * s[2] * itemsize
+        """One routed expert's bytes: itemsize (the checkpoint dtype's) applies to plain experts."""
+        q = self.quant
+        return 3 * self.hidden_size * self.moe_intermediate_size * itemsize if q is None else q.nbytes
 
     # ---- construction -------------------------------------------------------------------
     @classmethod

@@ -25,6 +25,7 @@ from moejax.checkpoint import DTYPES
 from moejax.config import MoEConfig, read_hf_config
 from moejax.errors import CheckpointError, ConversionError
 from moejax.model.params import dtype_of, global_shapes, layer_shapes
+from moejax.quant import quantize
 from moejax.safetensors_io import TensorInfo, index_checkpoint, read_tensor
 
 
@@ -189,6 +190,22 @@ def _assemble(cfg: MoEConfig, sources: list[Source], shapes: dict, tensors: dict
     return out
 
 
+def _quantized(cfg: MoEConfig, scheme: str, group: int | None) -> MoEConfig:
+    """cfg with its routed experts stored as `scheme`; ConversionError for a bad scheme or group."""
+    from moejax.errors import UnsupportedConfig
+    from moejax.quant import DEFAULT_GROUP, SCHEMES
+
+    if scheme not in SCHEMES:
+        raise ConversionError(f"--experts {scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme == "int8" and group is not None:
+        raise ConversionError("--group-size applies to --experts int4 only (int8 has a scale per output channel)")
+    group = 0 if scheme == "int8" else DEFAULT_GROUP if group is None else group
+    try:
+        return dataclasses.replace(cfg, expert_quant=scheme, expert_group=group)
+    except UnsupportedConfig as e:
+        raise ConversionError(f"--experts {scheme} --group-size {group}: {e}") from None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -227,8 +244,10 @@ def _check_apart(src: Path, dst: Path) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False,
-            progress: bool = True) -> MoEConfig:
-    """Convert an HF checkpoint directory into a moejax checkpoint at dst."""
+            progress: bool = True, experts: str | None = None, group_size: int | None = None) -> MoEConfig:
+    """Convert an HF checkpoint directory into a moejax checkpoint at dst. experts: "int8" or
+    "int4" quantizes the routed experts (moejax/quant.py; group_size: int4's, default
+    quant.DEFAULT_GROUP); None keeps them in dtype like everything else."""
     from tqdm.auto import tqdm
 
     src, dst = Path(src), Path(dst)
@@ -241,6 +260,11 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: b
         raise CheckpointError(f"destination {dst} exists (use --force to overwrite)")
     hf = read_hf_config(src)
     cfg = MoEConfig.from_hf(hf)
+    plain = cfg  # the experts as the source holds them: assembled in float32, then quantized
+    if experts is not None:
+        cfg = _quantized(cfg, experts, group_size)
+    elif group_size is not None:
+        raise ConversionError("--group-size applies to --experts int4 only")
     if dtype is None:
         dtype = "bfloat16" if str(hf.get("dtype", hf.get("torch_dtype"))) == "bfloat16" else "float32"
     if dtype not in DTYPES:
@@ -270,6 +294,11 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: b
             if scope is None:
                 tree = _assemble(cfg, by_scope[None], global_shapes(cfg), tensors, np_dtype)
                 checkpoint.save_item(tmp, "global", tree)
+            elif cfg.quant is not None and cfg.moe_layers[scope]:
+                tree = _assemble(plain, by_scope[scope], layer_shapes(plain, scope), tensors, np.float32)
+                tree = {k: quantize(v, cfg.quant) if k == "experts" else v.astype(dtype_of(cfg, k, np_dtype))
+                        for k, v in tree.items()}
+                checkpoint.save_item(tmp, checkpoint.layer_name(scope), tree)
             else:
                 tree = _assemble(cfg, by_scope[scope], layer_shapes(cfg, scope), tensors, np_dtype)
                 checkpoint.save_item(tmp, checkpoint.layer_name(scope), tree)

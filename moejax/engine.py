@@ -65,16 +65,16 @@ def _predict(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
     return predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights)
 
 
-@jax.jit
-def _moe_out(x, h, dense, pool, slots, weights):
+@partial(jax.jit, static_argnums=(6,))
+def _moe_out(x, h, dense, pool, slots, weights, quant=None):
     """Decode: the k experts per token from the pool. slots [N, k] -> new residual [B, T, H]."""
-    out = dense + moe.experts_indexed(h, pool, slots, weights)
+    out = dense + moe.experts_indexed(h, pool, slots, weights, quant)
     return x + out.reshape(x.shape)
 
 
-@jax.jit
-def _ordered(h, pool, rows, ids, ok, idx, weights, acc):
-    return moe.experts_ordered(h, pool, rows, ids, ok, idx, weights, acc)[0]
+@partial(jax.jit, static_argnums=(8,))
+def _ordered(h, pool, rows, ids, ok, idx, weights, acc, quant=None):
+    return moe.experts_ordered(h, pool, rows, ids, ok, idx, weights, acc, quant)[0]
 
 
 @jax.jit
@@ -141,7 +141,7 @@ class OffloadEngine(OffloadedGeneration):
         expert (and the policy reuses experts), it is filled now (the warm-up), so decoding
         moves no bytes."""
         full = self.plan.pool_slots == self.plan.total_experts and self.policy.reuse
-        self.pool = new_pool(self.store, self.moe_ids, self.plan.pool_slots, self.dtype, full)
+        self.pool = new_pool(self.store, self.moe_ids, self.plan.pool_slots, full)
         self.state = D.init_state(self.layout, self.policy.score_window, full)
         self.kv = list(empty_cache(self.config, self.batch, self.cache_len, self.dtype))
         self._inflight: dict[tuple[int, int], Transfer] = {}  # emulated link: transfers not yet landed
@@ -248,7 +248,7 @@ class OffloadEngine(OffloadedGeneration):
         self._t.sched_us.append(1e6 * (time.perf_counter() - t0))
         if self.link.emulated:
             self._wait(i, np.asarray(experts).ravel())
-        x = _moe_out(x, h, dense, self.pool, self.state["table"][m][experts], weights)
+        x = _moe_out(x, h, dense, self.pool, self.state["table"][m][experts], weights, cfg.quant)
         if not pol.reuse:  # on-demand: nothing stays for later
             self.state = D.release_step(self.layout, self.state, np.int32(m), *needed)
         if pol.prefetch and nxt:
@@ -284,7 +284,7 @@ class OffloadEngine(OffloadedGeneration):
             if self.link.emulated:
                 self._wait(i, part)
             rows = jnp.where(ok, self.state["table"][m][group], 0)
-            acc = _ordered(h, self.pool, rows, group, ok, idx, weights, acc)
+            acc = _ordered(h, self.pool, rows, group, ok, idx, weights, acc, self.config.quant)
             self._staging = []
         if not self.policy.reuse:
             ids = np.zeros(self.config.num_experts, np.int32)

@@ -54,7 +54,7 @@ def predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
         idx = moe.route(cfg, h, router, bias)[2]
         return idx.reshape(-1), jnp.ones(idx.size, bool)
     approx = x.reshape(h.shape) + dense + moe.experts_indexed(h, pool, jnp.where(hit, slots, 0),
-                                                               jnp.where(hit, weights, 0.0))
+                                                               jnp.where(hit, weights, 0.0), cfg.quant)
     scores, _, idx = moe.route(cfg, L.rms_norm(approx, norm, cfg.rms_norm_eps), router, bias)
     _, top = classify(moe.importance(scores, cfg.router), idx, policy.alpha)
     return idx.reshape(-1), top.reshape(-1)
@@ -99,7 +99,7 @@ class FusedEngine(OffloadedGeneration):
         self.dtype = self.module.dtype
         self.graphdef, self.params = nnx.split(self.module)
         self.moe_ids = list(cfg.moe_layer_ids)
-        self.stacks = tuple(self.store.stacks[i] for i in self.moe_ids)  # [E, 3, H, I] each, pinned_host
+        self.stacks = tuple(self.store.stacks[i] for i in self.moe_ids)  # [E, 3, H, I] (or [E, B]) each, pinned_host
         self.similarity = (None if self.policy.mode == "window" or not similarity else
                            jnp.asarray(np.stack([similarity[i] for i in self.moe_ids]), jnp.float32))
         self.device = jax.devices()[0]
@@ -125,7 +125,7 @@ class FusedEngine(OffloadedGeneration):
     def reset(self) -> None:
         """Fresh telemetry, an empty pool and fresh policy state. If the pool holds every
         expert (and the policy reuses experts), it is filled now: decoding then moves no bytes."""
-        self.pool = new_pool(self.store, self.moe_ids, self.plan.pool_slots, self.dtype, self.full, scratch=1)
+        self.pool = new_pool(self.store, self.moe_ids, self.plan.pool_slots, self.full, scratch=1)
         self.state = jax.device_put(D.init_state(self.layout, self.policy.score_window, self.full), self.device)
         self.kv = empty_cache(self.config, self.batch, self.cache_len, self.dtype)
         self._t = Telemetry()
@@ -157,7 +157,7 @@ class FusedEngine(OffloadedGeneration):
             n = D.unique_first(idx.reshape(-1), size=min(idx.size, cfg.num_experts))[2]
             for name, v in (("hits", n), ("unique", n), ("routed", idx.size)):
                 state = D._count(state, name, v)
-            out = dense + moe.experts_indexed(h, pool, mi * cfg.num_experts + idx, weights)
+            out = dense + moe.experts_indexed(h, pool, mi * cfg.num_experts + idx, weights, cfg.quant)
             return x + out.reshape(x.shape), kv, pool, state
         none = jnp.zeros(cfg.num_experts, bool)
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
@@ -170,10 +170,10 @@ class FusedEngine(OffloadedGeneration):
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         slots = state["table"][mi][experts]  # [N, k]
         if pol.prefetch and nxt is not None:  # the prefetch below writes into the pool: after these reads
-            pool, routed = read_first(pool, lambda p: moe.experts_indexed(h, p, slots, weights),
+            pool, routed = read_first(pool, lambda p: moe.experts_indexed(h, p, slots, weights, cfg.quant),
                                       once, jnp.zeros_like(h))
         else:
-            routed = moe.experts_indexed(h, pool, slots, weights)
+            routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
@@ -190,7 +190,7 @@ class FusedEngine(OffloadedGeneration):
         if self.full:  # every expert resident: the resident model's loop over all experts
             ids = jnp.arange(E, dtype=jnp.int32)
             acc, pool = moe.experts_ordered(h, pool, mi * E + ids, ids, jnp.ones(E, bool), idx, weights,
-                                            jnp.zeros_like(h))
+                                            jnp.zeros_like(h), cfg.quant)
             return x + (dense + acc).reshape(x.shape), kv, pool, state
         need, n_need = D.needed_sorted(idx, valid, cfg.num_experts)
         G, groups = D.prefill_groups(lay)
@@ -202,7 +202,7 @@ class FusedEngine(OffloadedGeneration):
             state, fetches = D.prefill_group_step(lay, pol, state, mi, group, ok)
             pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
             rows = jnp.where(ok, state["table"][mi][group], 0)
-            acc, pool = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc)
+            acc, pool = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc, cfg.quant)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
         return x + (dense + acc).reshape(x.shape), kv, pool, state

@@ -72,17 +72,22 @@ class _ResidentSteps:
         return tok, logits
 
 
-def evaluate(model, engine, tokens: np.ndarray, prefix: int = 8, progress: bool = False) -> dict:
+def evaluate(model, engine, tokens: np.ndarray, prefix: int = 8, progress: bool = False, reference=None) -> dict:
     """Everything `moejax eval ppl` reports, for one token sequence [T]. engine None: the
-    resident model against itself (`--policy resident`, the reference point)."""
+    resident model (against itself: `--policy resident`, the reference point). reference: the
+    resident model scored against instead of `model` (e.g. the bfloat16 original of a copy with
+    quantized experts; `--reference`)."""
     tokens = np.asarray(tokens, np.int32)
-    ref = teacher_forced(_ResidentSteps(model, len(tokens)), tokens, prefix, progress and engine is None)
+    base = model if reference is None else reference
+    ref = teacher_forced(_ResidentSteps(base, len(tokens)), tokens, prefix, progress and engine is None)
+    if engine is None and reference is None:
+        ours = ref
+    else:
+        ours = teacher_forced(engine or _ResidentSteps(model, len(tokens)), tokens, prefix, progress)
+    result = compare(tokens[prefix:], ref, ours)
     if engine is None:
-        result = compare(tokens[prefix:], ref, ref)
         result.update(hit_rate=1.0, substitution_rate=0.0, bytes_h2d=0, prefetch_precision=float("nan"))
         return result
-    ours = teacher_forced(engine, tokens, prefix, progress)
-    result = compare(tokens[prefix:], ref, ours)
     t = engine.telemetry
     result.update(hit_rate=t.hit_rate, substitution_rate=t.substitution_rate, bytes_h2d=t.bytes_h2d_decode,
                   prefetch_precision=t.prefetch_precision)

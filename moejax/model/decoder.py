@@ -139,7 +139,7 @@ class DecoderLayer(nnx.Module):
         out = self.dense_output(h)
         if self.is_moe:
             _, weights, idx = self.route(h)
-            out = out + moe.experts_resident(h, self.experts[...], idx, weights, decode=T == 1)
+            out = out + moe.experts_resident(h, self.experts[...], idx, weights, decode=T == 1, quant=self.cfg.quant)
         return x + out.reshape(B, T, H), kv
 
 

@@ -4,7 +4,8 @@ Routing is split from expert compute so that the offloaded engine can run the ro
 decide which expert weights to use (and where they live), then call `experts_indexed`
 (decode) or `experts_ordered` (prefill) on its device pool with slot ids. The resident model
 calls the same functions on its full expert stack with expert ids, so offloading changes no
-arithmetic.
+arithmetic. Quantized experts (`moejax.quant`) are dequantized in `block`, the one place every
+path reads an expert, so all of them compute with the same dequantized weights.
 """
 
 from __future__ import annotations
@@ -61,16 +62,21 @@ def route(cfg, x, w_router, bias=None):
     return (scores, *select(cfg, scores, bias))
 
 
-def block(stack, row, dtype):
+def block(stack, row, dtype, quant=None):
     """One expert [3, H, I] of a stack [S, 3, H, I] in the compute dtype (an offloaded pool
-    may hold bfloat16 experts as their uint16 bits, see `offload.cache.storage_dtype`)."""
+    may hold bfloat16 experts as their uint16 bits, see `offload.cache.storage_dtype`), or
+    (quant: a `moejax.quant.Quant`) of packed rows [S, B] uint8, dequantized here."""
     b = jax.lax.dynamic_index_in_dim(stack, row, 0, keepdims=False)
+    if quant is not None:
+        from moejax.quant import dequantize
+
+        return dequantize(b, quant, dtype)
     return b if b.dtype == dtype else jax.lax.bitcast_convert_type(b, dtype)
 
 
-def experts_indexed(x, stack, ids, weights):
+def experts_indexed(x, stack, ids, weights, quant=None):
     """Few tokens (decode): x [N, H]; stack [S, 3, H, I] (the expert stack, or the engine's
-    device pool); ids [N, k] rows of stack; weights [N, k] -> [N, H].
+    device pool; [S, B] packed rows with quant); ids [N, k] rows of stack; weights [N, k] -> [N, H].
 
     One dynamic slice per (token, expert), unrolled: XLA reads the k blocks in place, where
     a gather `stack[ids]` would first copy them (measured 2.7x slower on CPU)."""
@@ -79,17 +85,17 @@ def experts_indexed(x, stack, ids, weights):
     for n in range(N):
         acc = jnp.zeros_like(x[n])  # [H]
         for j in range(k):
-            blk = block(stack, ids[n, j], x.dtype)  # [3, H, I]
+            blk = block(stack, ids[n, j], x.dtype, quant)  # [3, H, I]
             h = jax.nn.silu(x[n] @ blk[0]) * (x[n] @ blk[1])  # [I]
             acc = acc + weights[n, j].astype(x.dtype) * (blk[2] @ h)
         rows.append(acc)
     return jnp.stack(rows)
 
 
-def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc):
+def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc, quant=None):
     """Many tokens (prefill), one expert at a time in ascending id order: for each position p
     with ok[p], acc += weight of expert ids[p] per token * FFN(x) with the block stack[rows[p]].
-    x, acc [N, H]; stack [S, 3, H, I]; rows, ids, ok [G]; idx, weights [N, k]
+    x, acc [N, H]; stack [S, 3, H, I] (or [S, B], quant); rows, ids, ok [G]; idx, weights [N, k]
     -> (acc [N, H], stack: pass it on, so XLA need not copy a pool written afterwards).
 
     The resident model calls it once with every expert (rows = ids = 0..E-1); the offloaded
@@ -101,7 +107,7 @@ def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc):
         acc, stack = carry
         e = ids[p]
         w = jnp.sum(jnp.where(idx == e, weights, 0.0), axis=-1)  # [N] float32: one term at most
-        blk = block(stack, rows[p], x.dtype)  # [3, H, I]
+        blk = block(stack, rows[p], x.dtype, quant)  # [3, H, I]
         y = jax.nn.silu(x @ blk[0]) * (x @ blk[1])  # [N, I]
         y = jnp.einsum("ni,hi->nh", y, blk[2])  # [N, H]
         acc = jnp.where(ok[p], acc + y * w[:, None].astype(y.dtype), acc)
@@ -110,11 +116,11 @@ def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc):
     return jax.lax.fori_loop(0, ids.shape[0], body, (acc, stack))
 
 
-def experts_resident(x, experts, idx, weights, decode: bool):
+def experts_resident(x, experts, idx, weights, decode: bool, quant=None):
     """All experts on the device: decode steps (one token per row) gather their k experts,
     prefill runs expert by expert; the offloaded engine uses the same two functions."""
     if decode:
-        return experts_indexed(x, experts, idx, weights)
+        return experts_indexed(x, experts, idx, weights, quant)
     E = experts.shape[0]
     ids = jnp.arange(E, dtype=jnp.int32)
-    return experts_ordered(x, experts, ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(x))[0]
+    return experts_ordered(x, experts, ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(x), quant)[0]

@@ -61,7 +61,7 @@ def layer_shapes(cfg: MoEConfig, layer: int) -> Shapes:
         s["router"] = (H, cfg.num_experts)
         if cfg.topk_method == "noaux_tc":
             s["router_bias"] = (cfg.num_experts,)
-        s["experts"] = (cfg.num_experts, *cfg.expert_shape)  # [E, 3, H, I]
+        s["experts"] = (cfg.num_experts, *cfg.expert_shape)  # [E, 3, H, I], or packed rows [E, B] uint8
         if cfg.shared_intermediate_size:
             s["shared"] = (3, H, cfg.shared_intermediate_size)
             if cfg.shared_expert_gate:
@@ -79,6 +79,8 @@ def keeps_f32(cfg: MoEConfig, name: str) -> bool:
 
 
 def dtype_of(cfg: MoEConfig, name: str, dtype) -> np.dtype:
+    if name == "experts" and cfg.quant is not None:
+        return np.dtype(np.uint8)  # packed rows (moejax/quant.py)
     return np.dtype(np.float32) if keeps_f32(cfg, name) else np.dtype(dtype)
 
 
@@ -93,6 +95,11 @@ def random_params(cfg: MoEConfig, seed: int = 0, dtype=np.float32) -> tuple[dict
     def make(name, shape):
         if name.endswith("norm"):
             return np.ones(shape, dtype)
+        if name == "experts" and cfg.quant is not None:
+            from moejax.quant import quantize
+
+            q = cfg.quant
+            return quantize(rng.standard_normal((shape[0], 3, q.hidden, q.inter), np.float32) * 0.02, q)
         return (rng.standard_normal(shape, np.float32) * 0.02).astype(dtype_of(cfg, name, dtype))
 
     glob = {k: make(k, v) for k, v in global_shapes(cfg).items()}

@@ -51,6 +51,7 @@ class BudgetPlan:
     total_experts: int
     min_bytes: int  # the smallest budget that can run
     program_bytes: int = 0  # temporaries of the fused engine's compiled programs
+    expert_kind: str = ""  # how a routed expert is stored when quantized: "int8", "int4 g64"
 
     @property
     def pool_share(self) -> float:
@@ -62,7 +63,8 @@ class BudgetPlan:
                 f"+ staging {self.staging_slots} x {mib(self.expert_bytes)} "
                 + (f"+ program temporaries {mib(self.program_bytes)} " if self.program_bytes else "")
                 + f"+ pool {self.pool_slots} x "
-                f"{mib(self.expert_bytes)} ({100 * self.pool_share:.1f}% of {self.total_experts} experts)")
+                f"{mib(self.expert_bytes)}{' ' + self.expert_kind if self.expert_kind else ''} "
+                f"({100 * self.pool_share:.1f}% of {self.total_experts} experts)")
 
 
 def dense_bytes(cfg: MoEConfig, itemsize: int) -> int:
@@ -77,7 +79,9 @@ def dense_bytes(cfg: MoEConfig, itemsize: int) -> int:
 def plan_budget(cfg: MoEConfig, itemsize: int, batch: int, cache_len: int, spec: tuple[str, float] | None,
                 prefetch: bool = False, staging: int | None = None, program_bytes: int = 0) -> BudgetPlan:
     """staging: device copies of experts in flight (default: the stepwise engine's, one
-    step's worth, twice with prefetch); program_bytes: compiled temporaries (fused engine)."""
+    step's worth, twice with prefetch); program_bytes: compiled temporaries (fused engine).
+    Quantized experts count their packed bytes (cfg.expert_bytes): a byte budget holds about
+    twice the int8 experts it holds in bfloat16; a share (PCT%) is a share of the experts."""
     total = cfg.num_experts * len(cfg.moe_layer_ids)
     eb = cfg.expert_bytes(itemsize)
     per_step = min(batch * cfg.top_k, cfg.num_experts)  # the most one layer needs at once
@@ -100,4 +104,5 @@ def plan_budget(cfg: MoEConfig, itemsize: int, batch: int, cache_len: int, spec:
                               f"{per_step + staging} experts of {eb}"
                               + (f" + program temporaries {program_bytes}" if program_bytes else "") + ")")
         slots = min(total, int((spec[1] - fixed) // eb))
-    return BudgetPlan(fixed + slots * eb, dense, kv, eb, staging, slots, total, min_bytes, program_bytes)
+    kind = "" if cfg.quant is None else cfg.expert_quant + (f" g{cfg.expert_group}" if cfg.expert_group else "")
+    return BudgetPlan(fixed + slots * eb, dense, kv, eb, staging, slots, total, min_bytes, program_bytes, kind)

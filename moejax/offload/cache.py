@@ -18,18 +18,19 @@ FETCH_MODES = ("cond", "loop", "always")
 
 
 def storage_dtype(dtype):
-    """The pool's element type: bfloat16 experts are stored as their uint16 bits, because
+    """The pool's element type (that of the host store, with one exception; quantized experts
+    are uint8 rows already): bfloat16 experts are stored as their uint16 bits, because
     XLA:CPU upcasts a bfloat16 dynamic_update_slice to float32 and back over the WHOLE pool
     (measured: 24 fetches into a 3.5 MB pool took 70-350 ms as bfloat16, 0.5-1.2 ms as
     uint16). Blocks are bitcast back (`as_compute`) before any arithmetic."""
     return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
-def new_pool(store, layers, slots: int, dtype, full: bool, scratch: int = 0):
-    """A committed device pool [slots + scratch, 3, H, I] in the storage dtype: zeros, or (full)
-    every expert of `layers` at slot index(layer) * E + expert, the order of
-    `decisions.init_state(full=True)`."""
-    dt, shape = storage_dtype(dtype), store.expert_shape
+def new_pool(store, layers, slots: int, full: bool, scratch: int = 0):
+    """A committed device pool [slots + scratch, *store.expert_shape] ([3, H, I], or a packed
+    row [B]) in the storage dtype: zeros, or (full) every expert of `layers` at slot
+    index(layer) * E + expert, the order of `decisions.init_state(full=True)`."""
+    dt, shape = storage_dtype(store.dtype), store.expert_shape
     if full:
         blocks = np.concatenate([store.numpy(i) for i in layers] + [np.zeros((scratch, *shape), store.dtype)])
         return jax.device_put(blocks.view(dt), jax.devices()[0])

@@ -73,6 +73,10 @@ def calibrate(model, tokens: np.ndarray | None, method: str = "output") -> dict[
     for i, layer in enumerate(model.module.layers):
         if layer.is_moe:
             experts = np.asarray(layer.experts[...])
+            if model.config.quant is not None:  # packed rows [E, B] -> [E, 3, H, I]
+                from moejax.quant import dequantize_np
+
+                experts = dequantize_np(experts, model.config.quant)
             layers[i] = output_similarity(experts, h[i]) if method == "output" else weight_similarity(experts)
     return layers
 
