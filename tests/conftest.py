@@ -18,6 +18,21 @@ def _moejax_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs():
+    """After each test module, drop JAX's in-memory compiled programs (later modules load them
+    from the persistent cache if they need them again). One process otherwise holds every
+    program the suite compiled; a full run once ended in a segfault inside XLA:CPU's compiler
+    late in the suite, while the same module alone passed."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     """Session cache of (hf_dir, converted_dir, torch_model) keyed by a test-chosen name,
