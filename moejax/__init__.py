@@ -26,10 +26,16 @@ _LAZY = {"Model": "moejax.api", "load": "moejax.api", "MoEConfig": "moejax.confi
 
 
 def __getattr__(name):
-    """Model, load and MoEConfig are imported on first use, so that `moejax -h` and a bad
-    flag answer without importing JAX and Flax (seconds)."""
-    if name in _LAZY:
-        import importlib
+    """Model, load and MoEConfig, and submodules (`moejax.api`, ...), are imported on first
+    use, so that `moejax -h` and a bad flag answer without importing JAX and Flax (seconds)."""
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f"moejax.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"moejax.{name}":
+                raise
     raise AttributeError(f"module 'moejax' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,12 @@ def test_interrupt_keeps_finished_records(tiny_dir, tmp_path, capsys, monkeypatc
     rows = got["records" if command == "bench" else "rows"]
     assert len(rows) == 1 and rows[0]["pool"] == "per-layer pool" and got["meta"]["pool"] == "per-layer pool"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_import_is_lazy_and_complete():
+    """`import moejax` does not import JAX (so `moejax -h` and bad flags answer fast), and
+    moejax.load, moejax.Model and submodules such as moejax.api are still there on first use."""
+    code = ("import sys, moejax; assert 'jax' not in sys.modules; "
+            "assert callable(moejax.load) and callable(moejax.api.resolve) and moejax.MoEConfig; "
+            "assert not hasattr(moejax, 'no_such_thing')")
+    subprocess.run([sys.executable, "-c", code], check=True)
