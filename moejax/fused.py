@@ -150,7 +150,7 @@ class FusedEngine(OffloadedGeneration):
     def _moe_decode(self, gd, lp, nxt, stack, nxt_stack, sim, mi, x, kv, pos, cos, sin, pool, state):
         """One MoE layer of a decode step, traced once for all layers (the layer's params lp,
         its index mi, its host stack and the next MoE layer's (router, bias, norm) `nxt` and
-        stack, None for the last, are arguments; see _layer_programs)."""
+        stack, None for the last, are arguments; jitted in _build)."""
         cfg, pol, lay = self.config, self.policy, self.layout
         x, kv, h, dense, scores, weights, idx = attend_route(nnx.merge(gd, lp), x, kv, pos, cos, sin)
         if self.full:  # every expert stays at slot m * E + e: nothing to decide, fetch or substitute

@@ -157,6 +157,11 @@ def kv_storage(dtype):
     return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
+def _kv_dtype(cache):
+    """The compute dtype of a cache held in kv_storage(dtype)."""
+    return jnp.dtype(jnp.bfloat16) if cache.dtype == jnp.uint16 else cache.dtype
+
+
 def _kv(cache):
     """A cache [B, S, K, D] in its compute dtype (a bitcast, no arithmetic)."""
     return lax.bitcast_convert_type(cache, jnp.bfloat16) if cache.dtype == jnp.uint16 else cache
@@ -165,7 +170,7 @@ def _kv(cache):
 def _write(cache, new, pos):
     """Write new [B, T, K, D] (any float dtype: rounded to the cache's) into cache
     [B, S, K, D] at sequence position pos."""
-    new = new.astype(_kv(cache).dtype)
+    new = new.astype(_kv_dtype(cache))
     if cache.dtype == jnp.uint16:
         new = lax.bitcast_convert_type(new, jnp.uint16)
     zero = jnp.zeros((), jnp.int32)
