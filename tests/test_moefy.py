@@ -157,11 +157,19 @@ def _write(tiny, spec, name):
     return path
 
 
-def test_all_experts_active_is_the_dense_model(tiny):
+@pytest.mark.parametrize("contiguous", [False, True], ids=["clustered", "dense-command"])
+def test_all_experts_active_is_the_dense_model(tiny, contiguous):
     """Every expert chosen with a zero-temperature router: weights exactly 1/E, times the folded
-    E, so the qwen2_moe model computes the dense FFN (a sum over neurons)."""
-    model = tiny[0]
-    path = _write(tiny, mf.Spec(4, 4, 8, temperature=0.0), "all-active")
+    E, so the qwen2_moe model computes the dense FFN (a sum over neurons). `dense` writes the
+    dense model so (contiguous neuron groups)."""
+    model, config, tensors, tok, _, root = tiny
+    spec = mf.Spec(4, 4, 8, temperature=0.0)
+    if contiguous:
+        path = root / "dense"
+        mf.write_checkpoint(path, mf.moe_config(config, spec),
+                            mf.moe_tensors(tensors, mf.all_active(config, spec), spec.top_k), tok)
+    else:
+        path = _write(tiny, spec, "all-active")
     moe = mf.load_hf(path)
     assert type(moe).__name__ == "Qwen2MoeForCausalLM"
     ids = torch.tensor(np.random.default_rng(2).integers(0, model.config.vocab_size, (2, 13)))
