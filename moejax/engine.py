@@ -37,6 +37,7 @@ from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
 from moejax.offload.cache import new_pool, write_block
+from moejax.offload.importance import SIMILARITY_MODES
 from moejax.offload.policies import make_policy
 from moejax.offload.store import Link, Parts, Transfer, load_parts  # noqa: F401  (load_parts: public here too)
 
@@ -119,7 +120,7 @@ class OffloadEngine(OffloadedGeneration):
         self.recorder = None  # a moejax.eval.trace.TraceRecorder, to record the routing
         self.policy = make_policy(policy, alpha, substitute, score_window)
         self.moe_ids = list(cfg.moe_layer_ids)
-        self.similarity = {} if self.policy.mode == "window" or not similarity else {
+        self.similarity = {} if self.policy.mode not in SIMILARITY_MODES or not similarity else {
             m: jnp.asarray(similarity[i], jnp.float32) for m, i in enumerate(self.moe_ids)}
         self.module = Decoder(cfg, glob, layers, offloaded=True)  # dense weights -> device
         self.dtype = self.module.dtype

@@ -36,7 +36,7 @@ from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
 from moejax.offload.cache import new_pool, read_first, write_fetches
-from moejax.offload.importance import classify
+from moejax.offload.importance import SIMILARITY_MODES, classify
 from moejax.offload.store import Parts
 from moejax.offload.policies import make_policy
 
@@ -100,7 +100,7 @@ class FusedEngine(OffloadedGeneration):
         self.graphdef, self.params = nnx.split(self.module)
         self.moe_ids = list(cfg.moe_layer_ids)
         self.stacks = tuple(self.store.stacks[i] for i in self.moe_ids)  # [E, 3, H, I] (or [E, B]) each, pinned_host
-        self.similarity = (None if self.policy.mode == "window" or not similarity else
+        self.similarity = (None if self.policy.mode not in SIMILARITY_MODES or not similarity else
                            jnp.asarray(np.stack([similarity[i] for i in self.moe_ids]), jnp.float32))
         self.device = jax.devices()[0]
         self._dense_bytes = sum(x.nbytes for x in jax.tree.leaves(self.params))

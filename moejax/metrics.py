@@ -15,6 +15,8 @@ class Telemetry:
     decode_unique: int = 0
     # substitution_rate: substituted experts / routed expert computations, decode only.
     substituted: int = 0
+    # skip_rate: experts dropped by --substitute skip / routed expert computations, decode only.
+    skipped: int = 0
     routed: int = 0
     bytes_h2d_decode: int = 0
     bytes_h2d_prefill: int = 0
@@ -30,8 +32,8 @@ class Telemetry:
 
     def count(self, c: dict, expert_bytes: int) -> "Telemetry":
         """Take the decision counters (`offload.decisions.COUNTERS`, read from the device)."""
-        self.decode_hits, self.decode_unique, self.substituted, self.routed = (
-            c["hits"], c["unique"], c["substituted"], c["routed"])
+        self.decode_hits, self.decode_unique, self.substituted, self.skipped, self.routed = (
+            c["hits"], c["unique"], c["substituted"], c["skipped"], c["routed"])
         self.transfers, self.prefetch_issued, self.prefetch_used = c["fetched"], c["prefetch_issued"], c["prefetch_used"]
         self.bytes_h2d_decode, self.bytes_h2d_prefill = c["fetched"] * expert_bytes, c["prefill_fetched"] * expert_bytes
         return self
@@ -45,6 +47,10 @@ class Telemetry:
         return self.substituted / self.routed if self.routed else 0.0
 
     @property
+    def skip_rate(self) -> float:
+        return self.skipped / self.routed if self.routed else 0.0
+
+    @property
     def prefetch_precision(self) -> float:
         return self.prefetch_used / self.prefetch_issued if self.prefetch_issued else float("nan")
 
@@ -54,7 +60,7 @@ class Telemetry:
 
     def summary(self) -> dict:
         return {
-            "hit_rate": self.hit_rate, "substitution_rate": self.substitution_rate,
+            "hit_rate": self.hit_rate, "substitution_rate": self.substitution_rate, "skip_rate": self.skip_rate,
             "bytes_h2d": self.bytes_h2d_decode, "bytes_h2d_prefill": self.bytes_h2d_prefill,
             "transfers": self.transfers, "prefetch_precision": self.prefetch_precision,
             "prefetch_dropped": self.prefetch_dropped,

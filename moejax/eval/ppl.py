@@ -86,9 +86,10 @@ def evaluate(model, engine, tokens: np.ndarray, prefix: int = 8, progress: bool 
         ours = teacher_forced(engine or _ResidentSteps(model, len(tokens)), tokens, prefix, progress)
     result = compare(tokens[prefix:], ref, ours)
     if engine is None:
-        result.update(hit_rate=1.0, substitution_rate=0.0, bytes_h2d=0, prefetch_precision=float("nan"))
+        result.update(hit_rate=1.0, substitution_rate=0.0, skip_rate=0.0, bytes_h2d=0, prefetch_precision=float("nan"))
         return result
     t = engine.telemetry
-    result.update(hit_rate=t.hit_rate, substitution_rate=t.substitution_rate, bytes_h2d=t.bytes_h2d_decode,
+    result.update(hit_rate=t.hit_rate, substitution_rate=t.substitution_rate, skip_rate=t.skip_rate,
+                  bytes_h2d=t.bytes_h2d_decode,
                   prefetch_precision=t.prefetch_precision)
     return result

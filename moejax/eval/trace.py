@@ -28,6 +28,7 @@ from moejax.offload import decisions as D
 from moejax.offload.policies import POLICIES, make_policy
 
 REPLAYABLE = ("ondemand", "lru", "lfu", "score", "score-sub", "belady")
+REPLAY_MODES = ("window", "skip")  # hybrid and similarity need a similarity table
 
 
 class TraceRecorder:
@@ -134,15 +135,18 @@ def _prefill_group(layout, policy, state, m, group, ok):
 
 
 def replay(trace: Trace, policy: str, slots: int, per_layer: bool = False, alpha: float = 0.0,
-           score_window: int = 16) -> dict:
-    """Simulate one policy at one pool size with the engines' decisions."""
+           score_window: int = 16, mode: str = "window") -> dict:
+    """Simulate one policy at one pool size with the engines' decisions. mode: "window" or
+    "skip" (the substitution modes that need nothing but the routing)."""
     if policy not in REPLAYABLE:
         raise MoejaxError(f"policy {policy!r} cannot be replayed from a trace (replayable: {', '.join(REPLAYABLE)})")
     E, k = trace.meta["num_experts"], trace.meta["top_k"]
     need = min(trace.meta["batch"] * k, E)
     if slots < need:
         raise MoejaxError(f"a pool of {slots} slots is below the {need} one step needs")
-    pol = make_policy(policy, alpha, "window", score_window)
+    if mode not in REPLAY_MODES:
+        raise MoejaxError(f"--substitute {mode!r} cannot be replayed (replayable: {', '.join(REPLAY_MODES)})")
+    pol = make_policy(policy, alpha, mode, score_window)
     L = len(trace.layers)
     layout = D.Layout(L, E, slots, per_layer)
     layout.check(need)
@@ -176,6 +180,7 @@ def replay(trace: Trace, policy: str, slots: int, per_layer: bool = False, alpha
             "slots_per_layer": layout.share if per_layer else None, "share": slots / trace.total_experts,
             "hit_rate": c["hits"] / c["unique"] if c["unique"] else float("nan"), "transfers": c["fetched"],
             "substitution_rate": c["substituted"] / c["routed"] if c["routed"] else 0.0,
+            "skip_rate": c["skipped"] / c["routed"] if c["routed"] else 0.0, "substitute": mode,
             "steps": int(trace.idx.shape[0])}
 
 

@@ -13,8 +13,9 @@ CacheState (a dict of arrays; L = MoE layers, E = experts per layer, S = pool sl
   hist_n [L]        steps observed per layer
   prefetched [L, E] loaded by a prefetch and not used since
   clock             one tick per expert use
-  counters          hits, unique, routed, substituted, fetched (decode transfers, prefetches
-                    included), prefill_fetched, prefetch_issued, prefetch_used
+  counters          hits, unique, routed, substituted, skipped (dropped by --substitute skip),
+                    fetched (decode transfers, prefetches included), prefill_fetched,
+                    prefetch_issued, prefetch_used
 Slots are shared by all MoE layers (the paper's global cache) or split evenly per layer
 (`Layout.ranges`). A plan fills slots in this order: free slots (lowest first), then the
 policy's eviction order (`Policy.eviction_keys`, ties to the lowest slot); experts the layer
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-COUNTERS = ("hits", "unique", "routed", "substituted", "fetched", "prefill_fetched", "prefetch_issued",
+COUNTERS = ("hits", "unique", "routed", "substituted", "skipped", "fetched", "prefill_fetched", "prefetch_issued",
             "prefetch_used")
 
 
@@ -188,7 +189,8 @@ jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "coun
 def substitute_layer(state, policy, m, probs, idx, similarity=None, available=None):
     """Decode, docs/method.md 2: substitution of low-score experts against what MoE layer m holds
     (available [E]; default: every expert in its pool). probs [N, E] importance (moe.importance),
-    idx [N, k] the router's choice -> (state, experts [N, k] to compute, substituted [N, k])."""
+    idx [N, k] the router's choice -> (state, experts [N, k] to compute, substituted [N, k]).
+    The skip mode drops them instead: the mask is of the dropped experts, counted as skipped."""
     from moejax.offload.importance import substitute
 
     if not (policy.substitute and policy.alpha > 0):
@@ -196,14 +198,17 @@ def substitute_layer(state, policy, m, probs, idx, similarity=None, available=No
     if available is None:
         available = state["table"][m] >= 0
     experts, changed = substitute(probs, idx, policy.alpha, available, policy.mode, similarity)
-    return _count(state, "substituted", changed.sum()), experts, changed
+    return _count(state, "skipped" if policy.mode == "skip" else "substituted", changed.sum()), experts, changed
 
 
-def reweigh(cfg, scores, experts, changed, weights):
+def reweigh(cfg, scores, experts, changed, weights, mode: str = "window"):
     """Gate weights [N, k] of the computed experts: the router's own for rows nothing was
-    substituted in (bit for bit), else each expert's own score (importance.gate_weights)."""
-    from moejax.offload.importance import gate_weights
+    substituted in (bit for bit), else each expert's own score (importance.gate_weights). Skip
+    mode: the dropped experts weigh 0, the kept ones carry the rest (importance.skip_weights)."""
+    from moejax.offload.importance import gate_weights, skip_weights
 
+    if mode == "skip":
+        return skip_weights(weights, changed)
     new = gate_weights(scores, experts, cfg.norm_topk_prob, cfg.routed_scaling_factor)
     return jnp.where(changed.any(axis=-1, keepdims=True), new, weights)
 
@@ -292,7 +297,7 @@ def substitute_step(cfg, policy, state, m, scores, weights, idx, similarity, pen
     probs = importance(scores, cfg.router)
     available = (state["table"][m] >= 0) & ~pending
     state, experts, changed = substitute_layer(state, policy, m, probs, idx, similarity, available)
-    return state, probs, experts, reweigh(cfg, scores, experts, changed, weights)
+    return state, probs, experts, reweigh(cfg, scores, experts, changed, weights, policy.mode)
 
 
 @partial(jax.jit, static_argnums=(0, 1))

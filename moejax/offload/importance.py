@@ -18,6 +18,12 @@ Modes: "window" (the paper): candidates with p in ((1 - alpha) S, S], best p fir
 "similarity": any unselected candidate on the device, ranked by similarity (no window).
 Every token still computes exactly k experts. Low-score experts are handled in order of
 decreasing probability, so the more important one gets the better substitute.
+
+"skip" (the paper's comparison, no substitute): a low-score expert that is neither on the
+device nor batch top-score is dropped, and the token's kept experts are reweighed to carry
+the selected experts' total weight (`skip_weights`). A token keeps at least its most probable
+expert. The dropped entry names the token's most probable kept expert with weight 0, so the
+id lists keep their shape and nothing is fetched for it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("window", "similarity", "hybrid")
+MODES = ("window", "similarity", "hybrid", "skip")
+SIMILARITY_MODES = ("similarity", "hybrid")  # the modes that read a similarity table
 
 
 def threshold_s(probs, idx):
@@ -56,7 +63,8 @@ def substitute(probs, idx, alpha: float, available, mode: str = "window", simila
 
     available: experts on the device (landed) for this layer, a bool mask [E] or a set. The
     batch's top-score set is added here. alpha = 0 returns idx unchanged. Traceable: alpha
-    and mode are Python values, everything else may be traced."""
+    and mode are Python values, everything else may be traced. mode "skip": the mask is of
+    the dropped experts instead (see `skip`)."""
     probs, idx = jnp.asarray(probs), jnp.asarray(idx, jnp.int32)
     N, k = idx.shape
     E = probs.shape[-1]
@@ -66,6 +74,8 @@ def substitute(probs, idx, alpha: float, available, mode: str = "window", simila
     p_sel = jnp.take_along_axis(probs, idx, axis=-1)  # [N, k]
     batch_top = jnp.zeros(E, bool).at[jnp.where(top, idx, E)].set(True, mode="drop")
     usable = _mask(available, E) | batch_top  # on the device, or computed anyway
+    if mode == "skip":
+        return skip(p_sel, idx, top, usable)
     out, changed = idx, jnp.zeros(idx.shape, bool)
     for n in range(N):
         selected = jnp.zeros(E, bool).at[idx[n]].set(True)
@@ -87,6 +97,32 @@ def substitute(probs, idx, alpha: float, available, mode: str = "window", simila
             changed = changed.at[n, j].set(do)
             taken = taken.at[best].set(taken[best] | do)
     return out, changed
+
+
+def skip(p_sel, idx, top, usable):
+    """The skip baseline: selected experts idx [N, k] with probabilities p_sel [N, k], top-score
+    mask top [N, k], usable [E] (on the device or batch top-score) -> (experts [N, k], dropped
+    [N, k]). Dropped: low-score and not usable, except that a token whose every expert would be
+    dropped keeps its most probable one (fetched). A dropped entry names the token's most
+    probable kept expert (computed anyway, given weight 0 by `skip_weights`)."""
+    k = idx.shape[1]
+    drop = ~top & ~usable[idx]
+    best = jnp.argmax(p_sel, axis=-1)  # the first of ties
+    drop = drop & ~(drop.all(axis=-1, keepdims=True) & (jnp.arange(k) == best[:, None]))
+    kept_best = jnp.argmax(jnp.where(drop, -jnp.inf, p_sel), axis=-1)
+    placeholder = jnp.take_along_axis(idx, kept_best[:, None], axis=-1)  # [N, 1]
+    return jnp.where(drop, placeholder, idx), drop
+
+
+def skip_weights(weights, dropped):
+    """Router weights [N, k] with the dropped experts' set to 0 and the kept ones scaled to carry
+    the selected experts' total weight: for families that renormalise the top-k
+    (norm_topk_prob) this is their own renormalisation over the kept experts. Rows where nothing
+    was dropped keep the router's weights bit for bit."""
+    weights = jnp.asarray(weights)
+    kept = jnp.where(dropped, 0.0, weights)
+    scaled = kept * (jnp.sum(weights, axis=-1, keepdims=True) / (jnp.sum(kept, axis=-1, keepdims=True) + 1e-20))
+    return jnp.where(dropped.any(axis=-1, keepdims=True), scaled, weights)
 
 
 def gate_weights(scores, experts, renormalise: bool, scale: float = 1.0):
