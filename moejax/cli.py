@@ -121,9 +121,10 @@ class Substitution:
         import zipfile
 
         from moejax.offload import similarity
+        from moejax.offload.importance import SIMILARITY_MODES
 
         sim = None
-        if self.mode != "window" or self.similarity:
+        if self.mode in SIMILARITY_MODES or self.similarity:
             file = Path(self.similarity) if self.similarity else Path(path) / similarity.FILE
             try:
                 sim = similarity.load(file, cfg)
@@ -133,6 +134,15 @@ class Substitution:
 
     def describe(self) -> str:
         return f"alpha {self.alpha:g}, substitute {self.mode}"
+
+
+def rate_key(mode: str) -> str:
+    """The rate a substitution mode is judged by: substitution_rate, or skip_rate for skip."""
+    return "skip_rate" if mode == "skip" else "substitution_rate"
+
+
+def rate_name(mode: str) -> str:
+    return "skip rate" if mode == "skip" else "subst. rate"
 
 
 def pool_kind(per_layer: bool) -> str:
@@ -437,6 +447,91 @@ def cmd_eval_ppl(args) -> None:
         write_json(args.json, result)
 
 
+def _prefix_arg(text: str) -> int | None:
+    """--prefix of eval tasks: a token count, or "all" (None: the whole context is prefilled)."""
+    if str(text).strip() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise MoejaxError(f"--prefix {text!r}: expected a token count or 'all'") from None
+    if n < 1:
+        raise MoejaxError("--prefix must be at least 1 (or 'all')")
+    return n
+
+
+def task_steps(model, policy: str, kind: str, spec, cache_len: int, per_layer: bool, sub: "Substitution"):
+    """-> (what prefill/step run on, the engine or None, the plan): the resident model or an
+    offloaded engine, built as `eval ppl` builds them."""
+    from moejax.eval.ppl import _ResidentSteps
+
+    if policy == "resident":
+        return _ResidentSteps(model, cache_len), None, resident_plan(model.config, model.dtype, cache_len, spec)
+    from moejax.engine import make_engine
+
+    engine = make_engine(kind, model.path, policy, spec, cache_len=cache_len, per_layer=per_layer,
+                         **sub.engine_kwargs(model.path, model.config))
+    return engine, engine, engine.plan
+
+
+def cmd_eval_tasks(args) -> None:
+    import moejax
+    from moejax.eval import tasks as T
+    from moejax.generate import PAD, cache_length
+
+    if args.limit is not None and args.limit < 1:
+        raise MoejaxError("--limit must be at least 1")
+    prefix = _prefix_arg(args.prefix)
+    spec = parse_budget_arg(args.vram_budget) if args.vram_budget else None
+    sub = Substitution.from_args(args)
+    policy = args.policy or ("smoe" if spec else "resident")
+    kind = "none" if policy == "resident" else engine_kind(args)
+    check_output("--json", args.json)
+    check_output("--markdown", args.markdown)
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()] if args.tasks else None
+    tasks = T.load_tasks(args.path, names, args.limit)
+    model = moejax.load(args.model or bundled_model())
+    tok, cfg = model.tokenizer, model.config
+    if tok is None:
+        raise MoejaxError(f"{model.path} has no tokenizer.json")
+    fallback = cfg.eos_token_ids[0] if cfg.eos_token_ids else (cfg.bos_token_id or 0)
+    prepared = [T.prepare(t, tok, cfg.max_position_embeddings, fallback) for t in tasks]
+    S = min(cache_length(max(p.longest for p in prepared), 0), -(-cfg.max_position_embeddings // PAD) * PAD)
+    steps, engine, plan = task_steps(model, policy, kind, spec, S, args.per_layer, sub)
+    if hasattr(engine, "prepare"):  # compile every prefill length first: the plan is final before scoring
+        lengths = {-(-(len(c) if prefix is None else min(prefix, len(c))) // PAD) * PAD
+                   for p in prepared for c in p.contexts}
+        for n in sorted(lengths):
+            engine.prepare(n)
+    substitutes = policy in ("score-sub", "smoe")
+    subst = f", {sub.describe()}" if substitutes else ""
+    header = (f"model {args.model or model.path} ({cfg.model_type}, {model.dtype.name}); policy {policy}{subst}; "
+              f"engine {kind}; {pool_text(engine)}; {plan.describe()}; prefix "
+              f"{'all' if prefix is None else prefix} tokens")
+    print(header, file=sys.stderr)
+    meta = {"model": str(args.model or model.path), "path": str(args.path), "policy": policy, "engine": kind,
+            "pool": "none" if engine is None else pool_kind(args.per_layer), "alpha": sub.alpha if substitutes else 0.0,
+            "substitute": sub.mode if substitutes else None, "budget_bytes": plan.budget_bytes,
+            "pool_slots": plan.pool_slots, "prefix": prefix, "limit": args.limit,
+            "command": "moejax " + " ".join(sys.argv[1:])}
+    rows = []
+    for p in prepared:
+        rows.append(T.evaluate_task(steps, p, prefix, engine))
+        r = rows[-1]
+        print(f"{r['task']}: acc {r['acc']:.3f} (per token {r['acc_per_token']:.3f}, per char "
+              f"{r['acc_per_char']:.3f}), chance {r['chance']:.3f}, n {r['n']}, hit rate {r['hit_rate']:.3f}, "
+              f"subst. rate {r['substitution_rate']:.3f}, skip rate {r['skip_rate']:.3f}, {r['seconds']:.1f} s",
+              file=sys.stderr)
+        run = engine.telemetry.summary() if engine is not None else {
+            "hit_rate": 1.0, "substitution_rate": 0.0, "skip_rate": 0.0, "bytes_h2d": 0}
+        if args.json:  # each finished task at once, so an interrupted run keeps what it did
+            write_json(args.json, {"meta": meta, "run": run, "tasks": rows})
+    table = T.markdown(rows, header)
+    print(table)
+    if args.markdown:
+        write_text(args.markdown, table + "\n")
+
+
 def cmd_trace_record(args) -> None:
     import numpy as np
 
@@ -494,12 +589,14 @@ def cmd_replay(args) -> None:
         if slots > trace.total_experts:
             raise MoejaxError(f"--cache {text.strip()}: the trace has only {trace.total_experts} experts")
         sizes.append(slots)
-    rows = [replay(trace, p, n, per_layer=args.per_layer, alpha=alpha) for n in sizes for p in policies]
-    print("| policy | pool | slots | share | hit rate | transfers |\n|---|---|---|---|---|---|")
+    rows = [replay(trace, p, n, per_layer=args.per_layer, alpha=alpha, mode=args.substitute)
+            for n in sizes for p in policies]
+    print(f"| policy | pool | slots | share | hit rate | transfers | {rate_name(args.substitute)} |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         slots = f"{r['slots']} ({r['slots_per_layer']} per layer)" if args.per_layer else r["slots"]
         print(f"| {r['policy']} | {r['pool']} | {slots} | {100 * r['share']:.1f}% | {r['hit_rate']:.3f} | "
-              f"{r['transfers']} |")
+              f"{r['transfers']} | {r[rate_key(args.substitute)]:.3f} |")
     if args.json:
         write_json(args.json, {"trace": str(args.trace), "pool": pool_kind(args.per_layer), "rows": rows})
     if args.figure:
@@ -556,12 +653,12 @@ def cmd_eval_sweep(args) -> None:
               f"{row['top1_agreement']:.3f}, KL {row['kl']:.4f}, hit rate {row['hit_rate']:.3f}, "
               f"TPOT {row['tpot_ms']:.2f} ms, compile {g.warmup_s:.1f} s", file=sys.stderr)
     table = [f"Engine: {kind}, {pool}, {link.describe()}\n",
-             "| alpha | ppl | ppl change | top-1 agreement | KL | hit rate | subst. rate | TPOT ms |",
+             f"| alpha | ppl | ppl change | top-1 agreement | KL | hit rate | {rate_name(sub.mode)} | TPOT ms |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['alpha']:g} | {r['ppl']:.3f} | {100 * (r['ppl'] / r['ppl_resident'] - 1):+.2f}% | "
                      f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {r['hit_rate']:.3f} | "
-                     f"{r['substitution_rate']:.3f} | {r['tpot_ms']:.2f} |")
+                     f"{r[rate_key(sub.mode)]:.3f} | {r['tpot_ms']:.2f} |")
     print("\n".join(table))
     if args.markdown:
         write_text(args.markdown, "\n".join(table) + "\n")
@@ -612,7 +709,9 @@ def _engine_flags(p, stepwise_only: bool = False, several: bool = False, alpha: 
                        help=f"importance threshold (docs/method.md 1) for score-sub/smoe; 0 disables substitution "
                             f"and makes every policy exact (default {DEFAULT_ALPHA}, see docs/benchmarks.md)")
     p.add_argument("--substitute", choices=MODES, default="window",
-                   help="window (default: the paper's rule, needs no calibration), hybrid or similarity")
+                   help="window (default: the paper's rule, needs no calibration), hybrid or similarity (need "
+                        "`moejax calibrate`), or skip (the paper's baseline: drop the missed low-score experts "
+                        "and renormalise the kept ones' weights)")
     p.add_argument("--similarity", help="similarity file (default: similarity.npz beside the checkpoint)")
     p.add_argument("--score-window", type=int, default=16,
                    help="decode steps over which score-aware eviction averages router probabilities")
@@ -713,12 +812,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--per-layer", action="store_true",
                    help="one pool per MoE layer, each with an equal share of the slots; default: one shared pool")
     r.add_argument("--alpha", type=float, default=0.0, help="importance threshold for score-sub (default 0)")
+    r.add_argument("--substitute", choices=["window", "skip"], default="window",
+                   help="score-sub's low-score experts: window (default: substituted) or skip (dropped)")
     r.add_argument("--json", help="write the rows here")
     r.add_argument("--figure", help="write hit rate vs cache size as a figure (PNG, SVG, PDF)")
     r.set_defaults(func=cmd_replay)
 
     e = sub.add_parser("eval", help="accuracy of offloaded decoding")
-    esub = e.add_subparsers(dest="what", required=True, parser_class=_Parser, metavar="WHAT", help="ppl or sweep")
+    esub = e.add_subparsers(dest="what", required=True, parser_class=_Parser, metavar="WHAT",
+                            help="ppl, sweep or tasks")
     ep = esub.add_parser("ppl", help="decode-mode perplexity, top-1 agreement and KL against the resident model")
     ep.add_argument("--model", help=MODEL_HELP)
     ep.add_argument("--text", required=True, help="UTF-8 text file to score")
@@ -747,6 +849,23 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--figure", help="also write the sweep as a figure (PNG, SVG, PDF)")
     _engine_flags(es, alpha=False)
     es.set_defaults(func=cmd_eval_sweep)
+    et = esub.add_parser("tasks", help="multiple-choice accuracy on BIG-bench JSON tasks (log-likelihood of each "
+                         "choice), resident or offloaded")
+    et.add_argument("path", help="a BIG-bench task.json, a task's directory, or a directory of task directories "
+                    "(e.g. bigbench/benchmark_tasks); tasks without multiple-choice examples are left out")
+    et.add_argument("--model", help=MODEL_HELP)
+    et.add_argument("--tasks", help="comma-separated task names to run (a task, or task:subtask; default: all)")
+    et.add_argument("--limit", type=int, help="the first N examples of each task (default: all)")
+    et.add_argument("--vram-budget", help=BUDGET_HELP + "; default: everything resident")
+    et.add_argument("--policy", choices=ALL_NAMES, help="expert cache policy (default: smoe with a budget, "
+                    "else resident)")
+    et.add_argument("--prefix", default="8", help="context tokens prefilled; the rest of the context and every "
+                    "choice are decoded token by token (as eval ppl); 'all' prefills the whole context, so that "
+                    "only choice tokens after the first are decoded (default 8)")
+    et.add_argument("--json", help="write the rows here (rewritten as each task finishes)")
+    et.add_argument("--markdown", help="also write the markdown table here")
+    _engine_flags(et)
+    et.set_defaults(func=cmd_eval_tasks)
     return p
 
 

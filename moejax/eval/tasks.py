@@ -1,0 +1,275 @@
+"""Multiple-choice tasks (`moejax eval tasks`): BIG-bench JSON tasks scored by the
+log-likelihood of each choice given the context, through the resident model or an offloaded
+engine (docs/accuracy.md, "Multiple-choice tasks").
+
+Reading (BIG-bench's `json_task.py`, zero-shot): an example's context is
+task_prefix + example_input_prefix + input [+ choice_prefix + choice_prefix.join(choices in
+BIG-bench's permutation) when append_choices_to_input] + example_output_prefix, with BIG-bench's
+defaults ("", "\\nQ: ", "\\n  choice: ", True, "\\nA: "); its choices are the keys of
+"target_scores" and its grade is the score of the choice the model ranks first (ties: the
+first), so accuracy is the mean grade and chance the mean of each example's mean score.
+
+Tokens (as lm-evaluation-harness's `_encode_pair`): whitespace ending the context moves to the
+front of the continuation, the two are encoded together and the context's own tokens are split
+off, so "A: yes" is scored as the tokens of "A:" then " yes".
+
+Scoring, decode mode as `eval ppl` (moejax.eval.ppl): the first `prefix` tokens of the context
+are prefilled, the rest of the context and then each choice go through one decode step per
+token, so the pool, substitution and skipping act on the context (through the KV cache) as on
+the choice. The context is computed once per example and shared by its choices: each choice
+is decoded from the end of the context, overwriting the cache slots of the choice before it.
+An offloaded engine is never reset between choices, examples or tasks, so its pool and
+scheduler state evolve as in a server that decodes one request after another.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moejax.errors import MoejaxError
+
+INPUT_PREFIX, OUTPUT_PREFIX, CHOICE_PREFIX = "\nQ: ", "\nA: ", "\n  choice: "  # BIG-bench's defaults
+SEED = 42  # BIG-bench's, for the order of choices appended to the input
+
+
+@dataclass
+class Example:
+    context: str
+    choices: list[str]
+    scores: list[float]  # target_scores, in the order of choices
+
+
+@dataclass
+class Task:
+    name: str
+    path: Path
+    examples: list[Example] = field(default_factory=list)
+
+    @property
+    def chance(self) -> float:
+        """The expected grade of a uniformly random choice (BIG-bench's low score)."""
+        return float(np.mean([np.mean(e.scores) for e in self.examples])) if self.examples else float("nan")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise MoejaxError(f"{path} is not UTF-8 text") from None
+    except OSError as e:
+        raise MoejaxError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MoejaxError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(data, dict):
+        raise MoejaxError(f"{path} is not a BIG-bench task (a JSON object with \"examples\")")
+    return data
+
+
+def format_example(task: dict, example: dict) -> Example | None:
+    """One BIG-bench example as (context, choices, scores), or None if it is not multiple choice."""
+    scores = example.get("target_scores") if isinstance(example, dict) else None
+    if not isinstance(scores, dict) or not scores or not isinstance(example.get("input"), str):
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()):
+        return None
+    text = example["input"]
+    if task.get("append_choices_to_input", True):
+        prefix = str(task.get("choice_prefix", CHOICE_PREFIX))
+        order = np.random.RandomState(seed=SEED).permutation(sorted(scores))
+        text = text + prefix + prefix.join(order)
+    context = (str(task.get("task_prefix", "")) + str(task.get("example_input_prefix", INPUT_PREFIX)) + text
+               + str(task.get("example_output_prefix", OUTPUT_PREFIX)))
+    return Example(context, list(scores), [float(v) for v in scores.values()])
+
+
+def read_task(path: Path, name: str | None = None) -> list[Task]:
+    """A task.json -> its task, or its subtasks (a task.json without examples whose directory
+    holds <subtask>/task.json, as BIG-bench lays them out), named task:subtask."""
+    data = _read_json(path)
+    name = name or str(data.get("name") or path.parent.name)
+    if "examples" not in data:
+        subs = sorted(path.parent.glob("*/task.json"))
+        return [t for sub in subs for t in read_task(sub, f"{name}:{sub.parent.name}")]
+    if not isinstance(data["examples"], list):
+        raise MoejaxError(f"{path}: \"examples\" is not a list")
+    examples = [e for e in (format_example(data, x) for x in data["examples"]) if e is not None]
+    return [Task(name, path, examples)]
+
+
+def load_tasks(path, names: list[str] | None = None, limit: int | None = None) -> list[Task]:
+    """BIG-bench tasks from a task.json, a task's directory or a directory of task directories
+    (e.g. bigbench/benchmark_tasks); only tasks with multiple-choice examples (target_scores).
+    names: keep these (a task, or task:subtask); limit: the first N examples of each."""
+    p = Path(path)
+    if not p.exists():
+        raise MoejaxError(f"{path}: no such file or directory")
+    if p.is_file():
+        found = read_task(p)
+    elif (p / "task.json").is_file():
+        found = read_task(p / "task.json")
+    else:
+        files = sorted(p.glob("*/task.json"))
+        if names:  # read the named tasks only (BIG-bench's directory holds 1.3 GB of JSON)
+            wanted = {n.split(":")[0] for n in names}
+            files = [f for f in files if f.parent.name in wanted] or files
+        if not files:
+            raise MoejaxError(f"{path} holds no task.json (expected a BIG-bench task or a directory of tasks)")
+        found = [t for f in files for t in read_task(f)]
+    if names:
+        known = {t.name for t in found}
+        missing = [n for n in names if n not in known and not any(k.startswith(n + ":") for k in known)]
+        if missing:
+            raise MoejaxError(f"--tasks {', '.join(missing)}: not found in {path}")
+        found = [t for t in found if t.name in names or t.name.split(":")[0] in names]
+        empty = [t.name for t in found if not t.examples]
+        if empty:
+            raise MoejaxError(f"--tasks {', '.join(empty)}: no multiple-choice examples (with target_scores)")
+    found = [t for t in found if t.examples]
+    if not found:
+        raise MoejaxError(f"{path} has no multiple-choice examples (examples with \"target_scores\")")
+    for t in found:
+        t.examples = t.examples[:limit] if limit else t.examples
+    return found
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """-> (context ids, continuation ids), as lm-evaluation-harness splits them: trailing
+    whitespace of the context moves to the continuation, both are encoded together, and the
+    context's own encoding is split off the front."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = tokenizer.encode(context + continuation, add_special_tokens=False).ids
+    ctx = tokenizer.encode(context, add_special_tokens=False).ids
+    return whole[: len(ctx)], whole[len(ctx):]
+
+
+def _log_softmax(logits) -> np.ndarray:
+    x = np.asarray(logits, np.float64).reshape(-1)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def score_choices(steps, context: list[int], continuations: list[list[int]], prefix: int | None) -> list[float]:
+    """Sum of log-probabilities of each continuation's tokens after the context, in decode
+    mode (module docstring). steps: an engine (or ppl._ResidentSteps) with prefill/step;
+    prefix: context tokens prefilled (None: all of them)."""
+    return [ll for ll, _ in score_continuations(steps, context, continuations, prefix)]
+
+
+def score_continuations(steps, context, continuations, prefix: int | None) -> list[tuple[float, bool]]:
+    """score_choices, each with whether every continuation token is the argmax (greedy)."""
+    import jax
+
+    from moejax.generate import pad_prompt
+
+    ctx = np.asarray(context, np.int32)
+    P = len(ctx) if prefix is None else max(1, min(prefix, len(ctx)))
+    key = jax.random.PRNGKey(0)
+    _, logits = steps.prefill(pad_prompt(ctx[None, :P]), P, key)
+    for t in range(P, len(ctx)):
+        _, logits = steps.step(ctx[t:t + 1], t, key)
+    base = np.asarray(logits)
+    out = []
+    for cont in continuations:
+        total, greedy, logits = 0.0, True, base
+        for j, tok in enumerate(cont):
+            if j:
+                _, logits = steps.step(np.asarray(cont[j - 1:j], np.int32), len(ctx) + j - 1, key)
+            logp = _log_softmax(logits)
+            total += float(logp[tok])
+            greedy = greedy and int(np.argmax(logp)) == tok
+        out.append((total, greedy))
+    return out
+
+
+def grades(ll: list[float], ntok: list[int], nchar: list[int], scores: list[float]) -> dict[str, float]:
+    """The grade of one example under each ranking: raw sum, per token, per character."""
+    ll = np.asarray(ll, np.float64)
+    ranks = {"acc": ll, "acc_per_token": ll / np.maximum(ntok, 1), "acc_per_char": ll / np.maximum(nchar, 1)}
+    return {k: float(scores[int(np.argmax(v))]) for k, v in ranks.items()}  # argmax: the first of ties
+
+
+@dataclass
+class Prepared:
+    """A task's examples as token ids (contexts cut from the left to fit the model's context)."""
+
+    task: Task
+    contexts: list[list[int]]
+    continuations: list[list[list[int]]]
+
+    @property
+    def longest(self) -> int:
+        return max(len(c) + max(len(x) for x in conts) for c, conts in zip(self.contexts, self.continuations))
+
+
+def prepare(task: Task, tokenizer, max_len: int, fallback_id: int = 0) -> Prepared:
+    contexts, continuations = [], []
+    for ex in task.examples:
+        pairs = [encode_pair(tokenizer, ex.context, c) for c in ex.choices]
+        ctx = pairs[0][0]  # the same context for every choice
+        conts = [p[1] for p in pairs]
+        room = max_len - max(len(c) for c in conts)
+        ctx = ctx[-room:] if room > 0 else ctx[-1:]
+        contexts.append(ctx or [fallback_id])  # an empty context: one end-of-text token, as the harness
+        continuations.append(conts)
+    return Prepared(task, contexts, continuations)
+
+
+def _counters(engine) -> dict[str, int]:
+    import jax
+
+    return {k: int(v) for k, v in jax.device_get(engine.state["counters"]).items()}
+
+
+def _rates(before: dict, after: dict) -> dict[str, float]:
+    d = {k: after[k] - before[k] for k in after}
+    return {"hit_rate": d["hits"] / d["unique"] if d["unique"] else float("nan"),
+            "substitution_rate": d["substituted"] / d["routed"] if d["routed"] else 0.0,
+            "skip_rate": d["skipped"] / d["routed"] if d["routed"] else 0.0}
+
+
+def evaluate_task(steps, prepared: Prepared, prefix: int | None, engine=None, progress: bool = True) -> dict:
+    """Score every example of a task -> its row: accuracies, chance, n, the engine's hit,
+    substitution and skip rates over this task, and each example's log-likelihoods."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    task = prepared.task
+    before = _counters(engine) if engine is not None else None
+    t0 = time.perf_counter()
+    rows, sums = [], {"acc": 0.0, "acc_per_token": 0.0, "acc_per_char": 0.0}
+    it = zip(task.examples, prepared.contexts, prepared.continuations)
+    for ex, ctx, conts in tqdm(list(it), desc=task.name, unit="ex", disable=not progress):
+        ll = score_choices(steps, ctx, conts, prefix)
+        g = grades(ll, [len(c) for c in conts], [len(c) for c in ex.choices], ex.scores)
+        for k in sums:
+            sums[k] += g[k]
+        rows.append({"ll": ll, "tokens": [len(c) for c in conts], "scores": ex.scores})
+    n = len(rows)
+    result = {"task": task.name, "path": str(task.path), "n": n, "chance": task.chance,
+              **{k: v / n for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
+    if engine is None:
+        result.update(hit_rate=1.0, substitution_rate=0.0, skip_rate=0.0)
+    else:
+        result.update(_rates(before, _counters(engine)))
+    result["examples"] = rows
+    return result
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| task | n | chance | acc | acc (per token) | acc (per char) | hit rate | subst. rate | skip rate |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['n']} | {r['chance']:.3f} | {r['acc']:.3f} | {r['acc_per_token']:.3f} | "
+                     f"{r['acc_per_char']:.3f} | {r['hit_rate']:.3f} | {r['substitution_rate']:.3f} | "
+                     f"{r['skip_rate']:.3f} |")
+    return "\n".join(lines)
