@@ -230,7 +230,7 @@ def test_budget_and_substitution_parsed_once():
     for bad in (dict(alpha=1.0), dict(alpha=float("nan")), dict(mode="nearest"), dict(score_window=0)):
         with pytest.raises(MoejaxError):
             Substitution(**bad)
-    assert set(MODES) == {"window", "hybrid", "similarity"}
+    assert set(MODES) == {"window", "hybrid", "similarity", "skip"}
 
 
 def test_output_checks(tmp_path, monkeypatch):
