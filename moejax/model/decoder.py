@@ -60,7 +60,7 @@ class DecoderLayer(nnx.Module):
     def _gqa_attention(self, h, kv, pos, cos, sin):
         cfg = self.cfg
         B, T, _ = h.shape
-        q, k, v = h @ self.wq[...], h @ self.wk[...], h @ self.wv[...]  # [B, T, Q*D], [B, T, K*D] x2
+        q, k, v = L.linear(h, self.wq[...]), L.linear(h, self.wk[...]), L.linear(h, self.wv[...])  # [B, T, Q*D], [B, T, K*D] x2
         if cfg.qkv_bias:
             q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
         if cfg.qk_norm == "proj":
@@ -78,7 +78,7 @@ class DecoderLayer(nnx.Module):
         k_cache, v_cache = kv
         k_cache = _write(k_cache, k, pos)
         v_cache = _write(v_cache, v, pos)
-        out = L.attend(q, _kv(k_cache), _kv(v_cache), pos + jnp.arange(T)) @ self.wo[...]  # [B, T, H]
+        out = L.linear(L.attend(q, _kv(k_cache), _kv(v_cache), pos + jnp.arange(T)), self.wo[...])  # [B, T, H]
         if cfg.o_bias:
             out = out + self.bo[...]
         return out, (k_cache, v_cache)
@@ -90,12 +90,12 @@ class DecoderLayer(nnx.Module):
         B, T, _ = h.shape
         Dn, R = cfg.qk_nope_head_dim, cfg.kv_lora_rank
         if cfg.q_lora_rank:
-            h_q = L.rms_norm(h @ self.wq_a[...], self.q_a_norm[...], cfg.rms_norm_eps)  # [B, T, q_lora_rank]
+            h_q = L.rms_norm(L.linear(h, self.wq_a[...]), self.q_a_norm[...], cfg.rms_norm_eps)  # [B, T, q_lora_rank]
         else:
             h_q = h
-        q = (h_q @ self.wq[...]).reshape(B, T, cfg.num_heads, Dn + cfg.head_dim)
+        q = L.linear(h_q, self.wq[...]).reshape(B, T, cfg.num_heads, Dn + cfg.head_dim)
         q_nope, q_rope = q[..., :Dn], L.apply_rope(q[..., Dn:], cos, sin)
-        ckv = h @ self.wkv_a[...]  # [B, T, R + Dr]
+        ckv = L.linear(h, self.wkv_a[...])  # [B, T, R + Dr]
         latent = L.rms_norm(ckv[..., :R], self.kv_a_norm[...], cfg.rms_norm_eps)
         k_rope = L.apply_rope(ckv[:, :, None, R:], cos, sin)  # [B, T, 1, Dr]
         c_cache, r_cache = kv
@@ -104,7 +104,7 @@ class DecoderLayer(nnx.Module):
         w_kv = self.wkv_b[...].reshape(R, cfg.num_heads, Dn + cfg.v_head_dim)
         out = L.attend_latent(q_nope, q_rope, _kv(c_cache)[:, :, 0], _kv(r_cache)[:, :, 0], w_kv, pos + jnp.arange(T),
                               cfg.softmax_scale)
-        return out @ self.wo[...], (c_cache, r_cache)
+        return L.linear(out, self.wo[...]), (c_cache, r_cache)
 
     # ---- MLP stages ---------------------------------------------------------------------
     def mlp_input(self, x):
@@ -121,10 +121,10 @@ class DecoderLayer(nnx.Module):
         """Everything in the MLP block that is not a routed expert: the dense MLP of a
         non-MoE layer, or the (gated) shared expert of a MoE layer; zeros if neither."""
         if not self.is_moe:
-            return L.swiglu(h, self.mlp[...])
+            return moe.ffn(h, self.mlp[...])
         if self.shared is None:
             return jnp.zeros_like(h)
-        out = L.swiglu(h, self.shared[...])
+        out = moe.ffn(h, self.shared[...])
         if self.shared_gate is not None:
             out = out * nnx.sigmoid(h @ self.shared_gate[...])  # [N, 1] gate
         return out
@@ -200,8 +200,9 @@ class Decoder(nnx.Module):
     def logits(self, x):
         """Final norm + LM head: x [..., H] -> float32 logits [..., V]."""
         h = L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return (h @ head).astype(jnp.float32)
+        if self.lm_head is None:
+            return L.linear(h, self.embed[...], transposed=True).astype(jnp.float32)
+        return L.linear(h, self.lm_head[...]).astype(jnp.float32)
 
     def __call__(self, tokens, cache, pos):
         """tokens [B, T] int32, cache: tuple of (k, v) per layer, pos scalar -> logits [B, T, V], cache."""

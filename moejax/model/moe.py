@@ -13,12 +13,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.model.layers import linear, swiglu
+
 
 def router_scores(x, w_router, kind: str = "softmax", fp32: bool = False):
     """x [N, H], w_router [H, E] -> float32 scores [N, E]: softmax over ALL routed experts,
     or an independent sigmoid per expert (deepseek_v3). fp32: the matmul in float32 too
     (transformers keeps DeepSeek-V2/V3 routers in float32); else in the model dtype."""
-    logits = x.astype(jnp.float32) @ w_router.astype(jnp.float32) if fp32 else x @ w_router
+    logits = linear(x.astype(jnp.float32), w_router) if fp32 else linear(x, w_router)
     logits = logits.astype(jnp.float32)
     return jax.nn.softmax(logits, axis=-1) if kind == "softmax" else jax.nn.sigmoid(logits)
 
@@ -74,12 +76,31 @@ def block(stack, row, dtype, quant=None):
     return b if b.dtype == dtype else jax.lax.bitcast_convert_type(b, dtype)
 
 
+def _kernel(x, stack, quant) -> bool:
+    """Whether the CPU expert kernel (moejax.kernels) computes these experts: unquantized
+    float32 or bfloat16 experts, where it could be built."""
+    from moejax import kernels
+
+    return quant is None and kernels.usable(x, stack)
+
+
 def experts_indexed(x, stack, ids, weights, quant=None):
     """Few tokens (decode): x [N, H]; stack [S, 3, H, I] (the expert stack, or the engine's
     device pool; [S, B] packed rows with quant); ids [N, k] rows of stack; weights [N, k] -> [N, H].
+    Token n's experts are summed in the order of ids[n], from zero.
 
-    One dynamic slice per (token, expert), unrolled: XLA reads the k blocks in place, where
-    a gather `stack[ids]` would first copy them (measured 2.7x slower on CPU)."""
+    On the CPU, the expert kernel reads the k blocks in place (XLA:CPU would copy each dynamic
+    slice first); elsewhere one dynamic slice per (token, expert), unrolled, which XLA:GPU
+    reads in place (a gather `stack[ids]` would copy them)."""
+    if _kernel(x, stack, quant):
+        out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        call = lambda: jax.ffi.ffi_call("moejax_experts_decode", out)(  # noqa: E731
+            x, stack, ids.astype(jnp.int32), weights.astype(jnp.float32))
+        return jax.lax.platform_dependent(cpu=call, default=lambda: _indexed_jnp(x, stack, ids, weights, quant))
+    return _indexed_jnp(x, stack, ids, weights, quant)
+
+
+def _indexed_jnp(x, stack, ids, weights, quant):
     N, k = ids.shape
     rows = []
     for n in range(N):
@@ -101,8 +122,20 @@ def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc, quant=None):
     The resident model calls it once with every expert (rows = ids = 0..E-1); the offloaded
     engines call it group by group with the experts they hold in their pool. Experts no token
     routes to add exactly zero, so both sum every token's experts in the same order with the
-    same arithmetic: offloaded prefill is bit for bit the resident one."""
+    same arithmetic: offloaded prefill is bit for bit the resident one. On the CPU the expert
+    kernel computes the same sums in the same order, each expert only for its routed tokens."""
+    if _kernel(x, stack, quant):
+        out = jax.ShapeDtypeStruct(acc.shape, acc.dtype)
+        call = lambda: jax.ffi.ffi_call("moejax_experts_ordered", out, input_output_aliases={7: 0})(  # noqa: E731
+            x, stack, rows.astype(jnp.int32), ids.astype(jnp.int32), ok.astype(bool), idx.astype(jnp.int32),
+            weights.astype(jnp.float32), acc)
+        acc = jax.lax.platform_dependent(
+            cpu=call, default=lambda: _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)[0])
+        return acc, stack
+    return _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)
 
+
+def _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant):
     def body(p, carry):
         acc, stack = carry
         e = ids[p]
@@ -114,6 +147,16 @@ def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc, quant=None):
         return jax.lax.optimization_barrier((acc, stack))  # JAX would forward an untouched carry
 
     return jax.lax.fori_loop(0, ids.shape[0], body, (acc, stack))
+
+
+def ffn(x, w):
+    """An always-on SwiGLU FFN (a dense layer's MLP, a shared expert): x [N, H], w [3, H, I]
+    -> [N, H]. On the CPU the expert kernel computes it as a one-expert stack, because
+    XLA:CPU copies each of the static slices w[0], w[1], w[2] before its dot."""
+    if _kernel(x, w, None):
+        N = x.shape[0]
+        return experts_indexed(x, w[None], jnp.zeros((N, 1), jnp.int32), jnp.ones((N, 1), jnp.float32))
+    return swiglu(x, w)
 
 
 def experts_resident(x, experts, idx, weights, decode: bool, quant=None):

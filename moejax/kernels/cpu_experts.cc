@@ -1,0 +1,482 @@
+// Routed-expert SwiGLU FFNs on the CPU, reading each selected expert IN PLACE in its stack.
+//
+// Why: XLA:CPU copies a dynamic slice of the expert stack into a new buffer before it can run
+// a dot on it (docs/benchmarks.md, "CPU: experts read in place"), and a matrix-vector product
+// of bfloat16 weights converts them to float32 first. This XLA FFI handler computes the same
+// FFNs straight from the stack, bfloat16 weights widened in registers.
+//
+// One handler serves decode and prefill. It is given a list of (token, expert row, weight)
+// contributions in the order they are summed, and computes, per token n,
+//     acc[n] = (...((acc[n] + w1 * f1(x[n])) + w2 * f2(x[n])) ...)
+// with f(x) = down @ (silu(x @ gate) * (x @ up)), in the order of the list. Decode lists a
+// token's k experts in router order (acc starts at zero), prefill lists experts in ascending
+// id order (acc is carried between groups of experts): the order moejax.model.moe defines.
+// Rounding: every intermediate is rounded to the activation dtype where the jnp formulation has
+// a tensor of that dtype (the two projections, silu, the product, the down projection, the
+// weighted term, the sum); products are accumulated in float32.
+//
+// Shapes: x, acc [N, H] (f32 or bf16); stack [S, 3, H, I] (f32, bf16, or bf16 bits as u16):
+// gate [H, I], up [H, I], down stored [H, I]. Rows are clamped to [0, S) as XLA clamps a
+// dynamic slice.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline float bf16_to_f32(uint16_t b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+struct Contribution {
+  int32_t token;
+  int32_t row;
+  float weight;
+};
+
+// Rows per part: an expert's gate and up (and down) matrices are split into blocks of kRows
+// consecutive rows of H, so that one token's few experts, or a shared expert alone, still give
+// every thread work, and each task streams contiguous memory. Fixed by the shapes, not by the
+// thread count, so the summation order (gate and up: the parts' partial sums added in ascending
+// order) never depends on the machine.
+constexpr int64_t kRows = 256;
+// Tokens per group: a task reads its block of weights once for all of them.
+constexpr int64_t kChunk = 16;
+
+template <typename W>
+inline float ld(W v) {
+  if constexpr (sizeof(W) == 2) return bf16_to_f32(v); else return v;
+}
+
+// Phase 1, rows [h0, h1) of gate and up for n tokens x [n][H] -> partial g, u [n][I].
+template <typename W>
+void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t H, int64_t I, int64_t h0, int64_t h1,
+                  const float* __restrict__ x, int n, float* __restrict__ g, float* __restrict__ u) {
+  std::fill(g, g + n * I, 0.0f);
+  std::fill(u, u + n * I, 0.0f);
+  for (int64_t h = h0; h < h1; ++h) {
+    const W* __restrict__ gr = gate + h * I;
+    const W* __restrict__ ur = up + h * I;
+    for (int t = 0; t < n; ++t) {
+      const float xv = x[t * H + h];
+      float* __restrict__ gt = g + t * I;
+      float* __restrict__ ut = u + t * I;
+      for (int64_t i = 0; i < I; ++i) {
+        gt[i] += xv * ld(gr[i]);
+        ut[i] += xv * ld(ur[i]);
+      }
+    }
+  }
+}
+
+// Phase 2, rows [h0, h1) of down: y[t][h] = down[h] . a[t], a [n][I] -> y [n][H].
+template <typename W, bool BF16>
+void down_part(const W* __restrict__ down, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ a,
+               int n, float* __restrict__ y) {
+  constexpr int LANES = 16;
+  for (int64_t h = h0; h < h1; ++h) {
+    const W* __restrict__ dr = down + h * I;
+    for (int t = 0; t < n; ++t) {
+      const float* __restrict__ at = a + t * I;
+      float lane[LANES] = {0};
+      int64_t i = 0;
+      for (; i + LANES <= I; i += LANES)
+        for (int l = 0; l < LANES; ++l) lane[l] += ld(dr[i + l]) * at[i + l];
+      float s = 0.0f;
+      for (; i < I; ++i) s += ld(dr[i]) * at[i];
+      for (int l = 0; l < LANES; ++l) s += lane[l];
+      y[t * H + h] = BF16 ? round_bf16(s) : s;
+    }
+  }
+}
+
+// The work of one call: contributions grouped by expert row into groups of at most kChunk
+// tokens; phase 1 runs a task per (group, row part), phase 2 likewise.
+struct Job {
+  const void* stack;
+  int64_t S, H, I, parts;
+  const float* x;  // [N, H] float32
+  std::vector<Contribution> list;
+  std::vector<int32_t> order;          // indices into list, grouped by row
+  std::vector<int64_t> group_begin;    // groups: order[group_begin[t] .. group_begin[t + 1])
+  std::vector<float> gp, up;           // [parts, list.size(), I] partial gate and up (phase 1)
+  std::vector<float> y;                // [list.size(), H] expert outputs (phase 2)
+  std::atomic<int64_t> next[2] = {0, 0}, done[2] = {0, 0};  // per phase
+  int64_t tasks() const { return (int64_t(group_begin.size()) - 1) * parts; }
+};
+
+template <typename W, bool BF16, int PHASE>
+void run_task(Job& job, int64_t task) {
+  const int64_t grp = task / job.parts, part = task % job.parts;
+  const int64_t b = job.group_begin[grp], e = job.group_begin[grp + 1];
+  const int n = int(e - b);
+  const int64_t H = job.H, I = job.I, P = int64_t(job.list.size());
+  const int64_t h0 = part * kRows, h1 = std::min(H, h0 + kRows);
+  const W* w = static_cast<const W*>(job.stack) + int64_t(job.list[job.order[b]].row) * 3 * H * I;
+  if (PHASE == 1) {
+    std::vector<float> xs(n * H), g(n * I), u(n * I);
+    for (int k = 0; k < n; ++k)
+      std::memcpy(&xs[k * H], job.x + int64_t(job.list[job.order[b + k]].token) * H, H * sizeof(float));
+    gate_up_part<W>(w, w + H * I, H, I, h0, h1, xs.data(), n, g.data(), u.data());
+    for (int k = 0; k < n; ++k) {
+      std::memcpy(&job.gp[(part * P + job.order[b + k]) * I], &g[k * I], I * sizeof(float));
+      std::memcpy(&job.up[(part * P + job.order[b + k]) * I], &u[k * I], I * sizeof(float));
+    }
+  } else {
+    std::vector<float> a(n * I), ys(n * H);
+    for (int k = 0; k < n; ++k) {  // a = silu(g) * u, the parts summed in order, rounded as jnp rounds
+      const int64_t p = job.order[b + k];
+      for (int64_t i = 0; i < I; ++i) {
+        float gv = job.gp[p * I + i], uv = job.up[p * I + i];
+        for (int64_t q = 1; q < job.parts; ++q) gv += job.gp[(q * P + p) * I + i], uv += job.up[(q * P + p) * I + i];
+        if (BF16) { gv = round_bf16(gv); uv = round_bf16(uv); }
+        float sv = gv / (1.0f + std::exp(-gv));
+        if (BF16) sv = round_bf16(sv);
+        a[k * I + i] = BF16 ? round_bf16(sv * uv) : sv * uv;
+      }
+    }
+    down_part<W, BF16>(w + 2 * H * I, H, I, h0, h1, a.data(), n, ys.data());
+    for (int k = 0; k < n; ++k)
+      std::memcpy(&job.y[int64_t(job.order[b + k]) * H + h0], &ys[k * H + h0], (h1 - h0) * sizeof(float));
+  }
+}
+
+template <typename W, bool BF16, int PHASE>
+void work(const std::shared_ptr<Job>& job) {
+  const int64_t tasks = job->tasks();
+  for (int64_t t; (t = job->next[PHASE - 1].fetch_add(1)) < tasks;) {
+    run_task<W, BF16, PHASE>(*job, t);
+    job->done[PHASE - 1].fetch_add(1, std::memory_order_release);
+  }
+}
+
+template <typename W, bool BF16>
+void phases(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool wide);
+
+int64_t min_parallel_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("MOEJAX_KERNEL_PARALLEL_BYTES");
+    return e ? std::atoll(e) : int64_t(256) << 10;
+  }();
+  return v;
+}
+
+// Run `tasks` tasks of `work` (which takes them from a counter and counts them in `done`) on
+// the caller and up to `threads - 1` pool threads. Late pool tasks find nothing left to do; the
+// caller waits only for tasks that were taken.
+template <typename J, typename F>
+void parallel(ffi::ThreadPool& pool, const std::shared_ptr<J>& job, int64_t tasks, bool wide, F work,
+              const std::atomic<int64_t>& done) {
+  const int64_t helpers = wide ? std::min<int64_t>(pool.num_threads(), tasks - 1) : 0;
+  for (int64_t k = 0; k < helpers; ++k) pool.Schedule([job, work] { work(job); });
+  work(job);
+  while (done.load(std::memory_order_acquire) < tasks) {
+  }
+}
+
+template <typename W, bool BF16>
+void phases(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool wide) {
+  const int64_t tasks = job->tasks();
+  parallel(pool, job, tasks, wide, work<W, BF16, 1>, job->done[0]);
+  parallel(pool, job, tasks, wide, work<W, BF16, 2>, job->done[1]);
+}
+
+ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, std::vector<Contribution> list,
+               const void* acc_in, ffi::Result<ffi::AnyBuffer> out) {
+  const auto xd = x.dimensions(), sd = stack.dimensions();
+  if (xd.size() != 2 || sd.size() != 4 || sd[1] != 3 || sd[2] != xd[1])
+    return ffi::Error::InvalidArgument("moejax experts: x [N, H] and stack [S, 3, H, I] expected");
+  const bool bf16 = x.element_type() == ffi::DataType::BF16;
+  if (!bf16 && x.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("moejax experts: x must be float32 or bfloat16");
+  const auto st = stack.element_type();
+  const bool wide = st == ffi::DataType::F32;
+  if (!wide && st != ffi::DataType::BF16 && st != ffi::DataType::U16)
+    return ffi::Error::InvalidArgument("moejax experts: stack must be float32, bfloat16 or uint16 bits");
+  const int64_t N = xd[0], H = xd[1], S = sd[0], I = sd[3];
+
+  auto job = std::make_shared<Job>();
+  job->stack = stack.untyped_data();
+  job->S = S, job->H = H, job->I = I, job->parts = (H + kRows - 1) / kRows;
+  std::vector<float> xf(N * H);
+  if (bf16) {
+    const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());
+    for (int64_t j = 0; j < N * H; ++j) xf[j] = bf16_to_f32(xb[j]);
+  } else {
+    std::memcpy(xf.data(), x.untyped_data(), N * H * sizeof(float));
+  }
+  job->x = xf.data();
+  for (auto& c : list) c.row = std::clamp<int32_t>(c.row, 0, int32_t(S - 1));
+  job->list = std::move(list);
+  const int64_t P = int64_t(job->list.size());
+  job->order.resize(P);
+  for (int64_t p = 0; p < P; ++p) job->order[p] = int32_t(p);
+  std::stable_sort(job->order.begin(), job->order.end(),
+                   [&](int32_t a, int32_t b) { return job->list[a].row < job->list[b].row; });
+  for (int64_t p = 0; p < P; ++p)
+    if (p == 0 || job->list[job->order[p]].row != job->list[job->order[p - 1]].row ||
+        p - job->group_begin.back() == kChunk)
+      job->group_begin.push_back(p);
+  job->group_begin.push_back(P);
+  job->gp.resize(job->parts * P * I);
+  job->up.resize(job->parts * P * I);
+  job->y.resize(P * H);
+  if (P > 0) {
+    const int64_t esize = wide ? 4 : 2;
+    const bool par = (int64_t(job->group_begin.size()) - 1) * 3 * H * I * esize >= min_parallel_bytes();
+    if (wide) phases<float, false>(pool, job, par);
+    else if (bf16) phases<uint16_t, true>(pool, job, par);
+    else phases<uint16_t, false>(pool, job, par);
+  }
+
+  // Sum the contributions in list order, rounding as the jnp graph does.
+  std::vector<float> acc(N * H, 0.0f);
+  if (acc_in != nullptr) {
+    if (bf16) {
+      const uint16_t* ab = static_cast<const uint16_t*>(acc_in);
+      for (int64_t j = 0; j < N * H; ++j) acc[j] = bf16_to_f32(ab[j]);
+    } else {
+      std::memcpy(acc.data(), acc_in, N * H * sizeof(float));
+    }
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const Contribution& c = job->list[p];
+    float* a = &acc[int64_t(c.token) * H];
+    const float w = bf16 ? round_bf16(c.weight) : c.weight;
+    for (int64_t h = 0; h < H; ++h) {
+      const float y = job->y[p * H + h];
+      float term = bf16 ? round_bf16(y * w) : y * w;
+      a[h] = bf16 ? round_bf16(a[h] + term) : a[h] + term;
+    }
+  }
+  if (bf16) {
+    uint16_t* ob = static_cast<uint16_t*>(out->untyped_data());
+    for (int64_t j = 0; j < N * H; ++j) ob[j] = f32_to_bf16(acc[j]);
+  } else {
+    std::memcpy(out->untyped_data(), acc.data(), N * H * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+
+// Decode: ids, weights [N, k]; token n's experts summed in router order from zero.
+ffi::Error Decode(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> ids,
+                  ffi::Buffer<ffi::F32> weights, ffi::Result<ffi::AnyBuffer> out) {
+  const auto d = ids.dimensions();
+  if (d.size() != 2 || weights.dimensions().size() != 2 || weights.dimensions()[0] != d[0] ||
+      weights.dimensions()[1] != d[1] || x.dimensions().size() != 2 || x.dimensions()[0] != d[0])
+    return ffi::Error::InvalidArgument("moejax experts decode: ids, weights [N, k] and x [N, H] expected");
+  std::vector<Contribution> list;
+  list.reserve(d[0] * d[1]);
+  for (int64_t n = 0; n < d[0]; ++n)
+    for (int64_t j = 0; j < d[1]; ++j)
+      list.push_back({int32_t(n), ids.typed_data()[n * d[1] + j], weights.typed_data()[n * d[1] + j]});
+  return Run(pool, x, stack, std::move(list), nullptr, out);
+}
+
+// Prefill: for each position p in order with ok[p], every token routed (idx) to expert ids[p]
+// adds its weight times the FFN of stack row rows[p] to acc.
+ffi::Error Ordered(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> rows,
+                   ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::PRED> ok, ffi::Buffer<ffi::S32> idx,
+                   ffi::Buffer<ffi::F32> weights, ffi::AnyBuffer acc, ffi::Result<ffi::AnyBuffer> out) {
+  const int64_t G = rows.element_count();
+  const auto d = idx.dimensions();
+  if (ids.element_count() != G || ok.element_count() != G || d.size() != 2 || x.dimensions().size() != 2 ||
+      x.dimensions()[0] != d[0] || weights.element_count() != d[0] * d[1] || acc.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("moejax experts ordered: shapes do not agree");
+  const int64_t N = d[0], k = d[1];
+  std::vector<Contribution> list;
+  const bool* okp = ok.typed_data();
+  for (int64_t p = 0; p < G; ++p) {
+    if (!okp[p]) continue;
+    const int32_t e = ids.typed_data()[p];
+    for (int64_t n = 0; n < N; ++n) {
+      float w = 0.0f;
+      bool hit = false;
+      for (int64_t j = 0; j < k; ++j)
+        if (idx.typed_data()[n * k + j] == e) w += weights.typed_data()[n * k + j], hit = true;
+      if (hit) list.push_back({int32_t(n), rows.typed_data()[p], w});
+    }
+  }
+  return Run(pool, x, stack, std::move(list), acc.untyped_data(), out);
+}
+
+// ---- linear layers: y [N, O] = x [N, H] @ w [H, O] (or w stored [O, H], transposed) ---------
+// Each output column is computed by one task, summing over h in ascending order (h-major
+// accumulation for w [H, O]; lanes of 16 then their sum for w [O, H]), so the result does not
+// depend on the number of threads.
+
+// w [H, O] is split into parts of kRowsLinear consecutive rows (fixed by H, so the order in
+// which the parts' partial sums are added never depends on the machine); each task streams one
+// contiguous block of rows. w [O, H] (transposed) is split into blocks of output rows.
+constexpr int64_t kRowsLinear = 128;
+
+struct Linear {
+  const float* x;  // [N, H] float32
+  const void* w;
+  int64_t N, H, O;
+  std::vector<float> y;  // [parts, N, O]: partial sums (w [H, O]), or [1, N, O] (transposed)
+  int64_t block;         // rows of w per task
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+template <typename W>
+void linear_part(Linear& L, int64_t q) {  // w [H, O]: rows [h0, h1), h-major into partial q
+  const W* w = static_cast<const W*>(L.w);
+  const int64_t h0 = q * L.block, h1 = std::min(L.H, h0 + L.block), O = L.O;
+  float* __restrict__ acc = L.y.data() + q * L.N * O;
+  // Columns at a time, so that the accumulators of all N tokens (N x OC floats) stay in L1.
+  const int64_t OC = std::clamp<int64_t>(8192 / std::max<int64_t>(L.N, 1) / 16 * 16, 16, 1024);
+  for (int64_t o0 = 0; o0 < O; o0 += OC) {
+    const int64_t m = std::min(OC, O - o0);
+    for (int64_t h = h0; h < h1; ++h) {
+      const W* __restrict__ wr = w + h * O + o0;
+      for (int64_t t = 0; t < L.N; ++t) {
+        const float xv = L.x[t * L.H + h];
+        float* __restrict__ at = acc + t * O + o0;
+        for (int64_t o = 0; o < m; ++o) at[o] += xv * ld(wr[o]);
+      }
+    }
+  }
+}
+
+template <typename W>
+void linear_rows(Linear& L, int64_t q) {  // w stored [O, H]: outputs [o0, o1), a dot product each
+  const W* w = static_cast<const W*>(L.w);
+  const int64_t o0 = q * L.block, o1 = std::min(L.O, o0 + L.block);
+  constexpr int LANES = 16;
+  for (int64_t o = o0; o < o1; ++o) {
+    const W* __restrict__ wr = w + o * L.H;
+    for (int64_t t = 0; t < L.N; ++t) {
+      const float* __restrict__ x = L.x + t * L.H;
+      float lane[LANES] = {0};
+      int64_t h = 0;
+      for (; h + LANES <= L.H; h += LANES)
+        for (int l = 0; l < LANES; ++l) lane[l] += ld(wr[h + l]) * x[h + l];
+      float s = 0.0f;
+      for (; h < L.H; ++h) s += ld(wr[h]) * x[h];
+      for (int l = 0; l < LANES; ++l) s += lane[l];
+      L.y[t * L.O + o] = s;
+    }
+  }
+}
+
+template <typename W, bool T>
+void linear_work(const std::shared_ptr<Linear>& L) {
+  const int64_t tasks = ((T ? L->O : L->H) + L->block - 1) / L->block;
+  for (int64_t t; (t = L->next.fetch_add(1)) < tasks;) {
+    if (T) linear_rows<W>(*L, t); else linear_part<W>(*L, t);
+    L->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// -> the result [N, O] in L->y (float32).
+template <typename W, bool T>
+void linear_run(ffi::ThreadPool& pool, std::shared_ptr<Linear> L) {
+  const bool wide = L->H * L->O * int64_t(sizeof(W)) >= min_parallel_bytes();
+  const int64_t threads = wide ? std::max<int64_t>(1, pool.num_threads()) : 1;
+  L->block = T ? std::max<int64_t>(16, (L->O + 4 * threads - 1) / (4 * threads)) : kRowsLinear;
+  const int64_t tasks = ((T ? L->O : L->H) + L->block - 1) / L->block;
+  L->y.assign((T ? 1 : tasks) * L->N * L->O, 0.0f);
+  parallel(pool, L, tasks, wide, linear_work<W, T>, L->done);
+  if (!T) {
+    const int64_t n = L->N * L->O;
+    for (int64_t q = 1; q < tasks; ++q)
+      for (int64_t j = 0; j < n; ++j) L->y[j] += L->y[q * n + j];
+  }
+}
+
+template <bool T>
+ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || (T ? wd[1] : wd[0]) != xd[1])
+    return ffi::Error::InvalidArgument("moejax linear: x [N, H] and w [H, O] (or [O, H]) expected");
+  const bool bf16 = x.element_type() == ffi::DataType::BF16;
+  if (!bf16 && x.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("moejax linear: x must be float32 or bfloat16");
+  const auto wt = w.element_type();
+  if (wt != ffi::DataType::F32 && wt != ffi::DataType::BF16 && wt != ffi::DataType::U16)
+    return ffi::Error::InvalidArgument("moejax linear: w must be float32, bfloat16 or uint16 bits");
+  auto L = std::make_shared<Linear>();
+  L->N = xd[0], L->H = xd[1], L->O = T ? wd[0] : wd[1];
+  std::vector<float> xf(L->N * L->H);
+  if (bf16) {
+    const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());
+    for (int64_t j = 0; j < L->N * L->H; ++j) xf[j] = bf16_to_f32(xb[j]);
+  } else {
+    std::memcpy(xf.data(), x.untyped_data(), xf.size() * sizeof(float));
+  }
+  L->x = xf.data(), L->w = w.untyped_data();
+  const int64_t n = L->N * L->O;
+  if (n > 0) {
+    if (wt == ffi::DataType::F32) linear_run<float, T>(pool, L);
+    else linear_run<uint16_t, T>(pool, L);
+  }
+  if (bf16) {
+    uint16_t* ob = static_cast<uint16_t*>(out->untyped_data());
+    for (int64_t j = 0; j < n; ++j) ob[j] = f32_to_bf16(L->y[j]);
+  } else if (n > 0) {
+    std::memcpy(out->untyped_data(), L->y.data(), n * sizeof(float));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error LinearHO(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out) {
+  return LinearImpl<false>(pool, x, w, out);
+}
+
+ffi::Error LinearOH(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> out) {
+  return LinearImpl<true>(pool, x, w, out);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxLinear, LinearHO,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxLinearT, LinearOH,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsDecode, Decode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsOrdered, Ordered,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());

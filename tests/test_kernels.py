@@ -1,0 +1,125 @@
+"""The CPU kernels (moejax/kernels): built here, and held to the jnp formulation they replace.
+
+float32 results agree with jnp to rounding (the summation order differs); bfloat16 results to
+one bfloat16 step of the largest value. The resident-vs-offloaded exactness tests elsewhere hold
+both paths to each other bit for bit; here: a bfloat16 pool held as uint16 bits gives the same
+bits as the bfloat16 stack, experts computed group by group equal one call, results do not
+depend on the number of threads, and the kernel is used (and can be turned off)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import kernels
+from moejax.model import moe
+from moejax.model.layers import linear, swiglu
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the CPU kernels")
+
+f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+
+
+def tol(dt, ref):
+    return 2e-5 * max(1.0, float(np.abs(f32(ref)).max())) if dt == jnp.float32 else \
+        float(np.abs(f32(ref)).max()) / 64
+
+
+def data(dt, N, H, I, S, k, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((N, H)), dt)
+    stack = jnp.asarray(rng.standard_normal((S, 3, H, I)) / np.sqrt(H), dt)
+    ids = jnp.asarray(np.stack([rng.permutation(S)[:k] for _ in range(N)]), jnp.int32)
+    w = jnp.asarray(rng.random((N, k)), jnp.float32)
+    return x, stack, ids, w
+
+
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("N,H,I", [(1, 48, 40), (3, 300, 24), (2, 40, 300)])  # H > 256: split into row parts
+def test_experts_decode_matches_jnp(dt, N, H, I):
+    x, stack, ids, w = data(dt, N, H, I, 9, 4)
+    got = jax.jit(moe.experts_indexed)(x, stack, ids, w)
+    ref = jax.jit(moe._indexed_jnp, static_argnums=4)(x, stack, ids, w, None)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
+    if dt == jnp.bfloat16:  # the engines' pool holds bfloat16 experts as uint16 bits
+        bits = jax.jit(moe.experts_indexed)(x, jax.lax.bitcast_convert_type(stack, jnp.uint16), ids, w)
+        assert np.array_equal(f32(bits), f32(got))
+
+
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+def test_experts_ordered_matches_jnp_and_groups(dt):
+    S, N, k = 10, 7, 3
+    x, stack, _, _ = data(dt, N, 300, 40, S, k, seed=1)
+    rng = np.random.default_rng(2)
+    idx = jnp.asarray(np.stack([rng.permutation(S)[:k] for _ in range(N)]), jnp.int32)
+    w = jnp.asarray(rng.random((N, k)), jnp.float32)
+    rows = jnp.arange(S, dtype=jnp.int32)
+    ok = jnp.ones(S, bool).at[4].set(False)
+    acc = jnp.asarray(rng.standard_normal((N, 300)), dt)
+    got = jax.jit(moe.experts_ordered)(x, stack, rows, rows, ok, idx, w, acc)[0]
+    ref = jax.jit(moe._ordered_jnp, static_argnums=8)(x, stack, rows, rows, ok, idx, w, acc, None)[0]
+    np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
+    first = jax.jit(moe.experts_ordered)(x, stack, rows[:6], rows[:6], ok[:6], idx, w, acc)[0]
+    both = jax.jit(moe.experts_ordered)(x, stack, rows[6:], rows[6:], ok[6:], idx, w, first)[0]
+    assert np.array_equal(f32(both), f32(got))  # the offloaded prefill's groups: bit for bit one call
+
+
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("N,H,O", [(1, 48, 70), (3, 300, 1100), (5, 7, 33)])
+def test_linear_matches_jnp(dt, N, H, O):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, N, H)), dt)  # leading dims are flattened
+    w = jnp.asarray(rng.standard_normal((H, O)) / np.sqrt(H), dt)
+    got = jax.jit(linear)(x, w)
+    ref = x @ w
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
+    tied = jax.jit(lambda x, e: linear(x, e, transposed=True))(x, w.T)  # a tied embedding [V, H]
+    np.testing.assert_allclose(f32(tied), f32(ref), atol=tol(dt, ref))
+
+
+def test_ffn_matches_swiglu():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.standard_normal((5, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 40, 24)) / 7, jnp.float32)
+    np.testing.assert_allclose(f32(jax.jit(moe.ffn)(x, w)), f32(swiglu(x, w)), atol=2e-5)
+
+
+def test_kernel_is_used_and_thread_count_changes_nothing(tmp_path):
+    """The compiled decode step calls the kernels; run on one thread (the parallel threshold
+    above any call's size) the bits are the same as split over the pool's threads."""
+    x, stack, ids, w = data(jnp.float32, 1, 600, 520, 6, 4, seed=5)
+    hlo = jax.jit(moe.experts_indexed).lower(x, stack, ids, w).compile().as_text()
+    assert "moejax_experts_decode" in hlo
+    np.save(tmp_path / "here.npy", f32(jax.jit(moe.experts_indexed)(x, stack, ids, w)))
+    code = ("import numpy as np, jax, jax.numpy as jnp, sys; sys.path.insert(0, %r); import test_kernels as t;"
+            "from moejax.model import moe; x, s, i, w = t.data(jnp.float32, 1, 600, 520, 6, 4, seed=5);"
+            "np.save(%r, np.asarray(jax.jit(moe.experts_indexed)(x, s, i, w)))") % (os.path.dirname(__file__),
+                                                                                   str(tmp_path / "one.npy"))
+    env = dict(os.environ, MOEJAX_KERNEL_PARALLEL_BYTES=str(1 << 50))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    assert np.array_equal(np.load(tmp_path / "here.npy"), np.load(tmp_path / "one.npy"))
+
+
+def test_turned_off_uses_jnp():
+    code = ("import jax, jax.numpy as jnp; from moejax import kernels; from moejax.model import moe;"
+            "x = jnp.ones((1, 8)); s = jnp.ones((3, 3, 8, 4)); i = jnp.zeros((1, 2), jnp.int32); w = jnp.ones((1, 2));"
+            "print(kernels.available(), 'moejax_experts' in jax.jit(moe.experts_indexed).lower(x, s, i, w).as_text())")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         env=dict(os.environ, MOEJAX_CPU_KERNEL="0")).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_gpu_lowering_keeps_the_jnp_path():
+    """The kernels are CPU custom calls: a program lowered for CUDA computes experts and linear
+    layers as before (dynamic slices and dots), so the GPU path does not change."""
+    x, stack, ids, w = data(jnp.float32, 1, 8, 4, 3, 2)
+    f = lambda x, s, i, w: moe.experts_indexed(x, s, i, w) + linear(x, jnp.ones((8, 8)))  # noqa: E731
+    text = {p: jax.jit(f).trace(x, stack, ids, w).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda")}
+    assert "moejax_experts_decode" in text["cpu"] and "moejax_linear" in text["cpu"]
+    assert "moejax_" not in text["cuda"] and "dynamic_slice" in text["cuda"]
