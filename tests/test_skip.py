@@ -1,6 +1,8 @@
 """The skip baseline (`--substitute skip`): missed low-score experts are dropped and the kept
 experts reweighed, one definition (moejax.offload.importance.skip) for every driver."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -108,6 +110,12 @@ def test_skip_same_counts_in_stepwise_fused_and_replay(model, tmp_path):
     r = replay(Trace(tmp_path / "t.npz", m.config), "score-sub", e.plan.pool_slots, alpha=0.5, mode="skip")
     assert (r["hit_rate"], r["transfers"], r["skip_rate"], r["substitution_rate"]) == (
         t.hit_rate, t.transfers, t.skip_rate, 0.0)
+    from moejax.cli import main  # the same through `moejax replay`
+
+    assert main(["replay", str(tmp_path / "t.npz"), "--policy", "score-sub", "--alpha", "0.5", "--substitute", "skip",
+                 "--cache", str(e.plan.pool_slots), "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert rows[0]["skip_rate"] == t.skip_rate and rows[0]["transfers"] == t.transfers
     f = make_engine("fused", path, "score-sub", ("pct", 0.25), cache_len=64, alpha=0.5, substitute="skip")
     assert f.generate(prompt, 16).tokens == g.tokens
     assert (f.telemetry.hit_rate, f.telemetry.transfers, f.telemetry.skipped) == (t.hit_rate, t.transfers, t.skipped)
