@@ -290,6 +290,7 @@ class Spec:
     shared: int  # always-on neurons (the shared expert's width; 0: none)
     cluster: str = "coact"  # coact | random
     temperature: float = 0.01  # router logits scale: small -> weights ~1/top_k
+    refit: float = 0.0  # > 0: least-squares refit of the down projections, ridge (x mean diag) towards the dense ones
 
     def width(self, ffn: int) -> int:
         routed = ffn - self.shared
@@ -303,13 +304,13 @@ class Spec:
         return (self.shared + self.top_k * self.width(ffn)) / ffn
 
     @staticmethod
-    def parse(text: str, cluster: str = "coact", temperature: float = 0.01) -> "Spec":
+    def parse(text: str, cluster: str = "coact", temperature: float = 0.01, refit: float = 0.0) -> "Spec":
         """E:K:S, e.g. 32:6:128."""
         try:
             e, k, s = (int(v) for v in text.split(":"))
         except ValueError:
             raise BadInput(f"config {text!r} is not EXPERTS:TOP_K:SHARED (e.g. 32:6:128)") from None
-        return Spec(e, k, s, cluster, temperature)
+        return Spec(e, k, s, cluster, temperature, refit)
 
 
 def silu(x):
@@ -353,6 +354,7 @@ class Layer:
     groups: np.ndarray
     router: np.ndarray
     stats: dict
+    down: np.ndarray | None = None  # [H, F] refitted down projection (None: the dense one)
 
 
 def split_layer(x, wg, wu, wd, spec: Spec, rng, fit_frac: float = 0.8) -> Layer:
@@ -389,17 +391,38 @@ def split_layer(x, wg, wu, wd, spec: Spec, rng, fit_frac: float = 0.8) -> Layer:
     recall = np.mean([len(set(a) & set(b)) / spec.top_k for a, b in zip(top, best)])
     full = yv.sum(0)  # [n, H] the routed part of the dense FFN
 
+    total = np.sum((full + h[n_fit:, shared] @ wd[:, shared].T) ** 2)  # energy of the whole FFN output
+
     def err(idx, logits):
         chosen = np.take_along_axis(logits, idx, 1)
         p = np.exp(chosen - chosen.max(1, keepdims=True))
         p = p / p.sum(1, keepdims=True) * spec.top_k  # family weights times the folded top_k
         out = np.einsum("nk,nkh->nh", p, yv.transpose(1, 0, 2)[np.arange(len(xv))[:, None], idx])
-        return float(np.sum((out - full) ** 2) / np.sum(full ** 2))
+        return float(np.sum((out - full) ** 2) / total)
 
-    stats = dict(recall=float(recall), routed_err=err(top, pred * spec.temperature),
+    # squared error of the layer's FFN output relative to its energy: routed, and with the true top-k
+    stats = dict(recall=float(recall), ffn_err=err(top, pred * spec.temperature),
                  oracle_err=err(best, np.zeros_like(pred)),
                  shared_share=float(contrib[:, shared].sum() / contrib.sum()) if spec.shared else 0.0)
-    return Layer(shared, groups, router, stats)
+    down = None
+    if spec.refit > 0:
+        # the down projections that best rebuild the dense output from the neurons the router
+        # keeps (weight 1 each), so kept experts also carry what dropped ones would have added
+        def kept(hs, xs):
+            mask = np.zeros((len(xs), spec.experts), np.float32)
+            np.put_along_axis(mask, np.argsort(-(xs @ w), 1)[:, :spec.top_k], 1.0, 1)
+            phi = np.zeros_like(hs)
+            phi[:, shared] = hs[:, shared]
+            phi[:, groups.ravel()] = hs[:, groups.ravel()] * np.repeat(mask, W, axis=1)
+            return phi  # [n, F]
+
+        phi = kept(h[:n_fit], xf)
+        gram = phi.T @ phi
+        lam = spec.refit * np.trace(gram) / F
+        down = np.linalg.solve(gram + lam * np.eye(F), phi.T @ (h[:n_fit] @ wd.T) + lam * wd.T).T  # [H, F]
+        yv_all = h[n_fit:] @ wd.T
+        stats["refit_err"] = float(np.sum((kept(h[n_fit:], xv) @ down.T - yv_all) ** 2) / total)
+    return Layer(shared, groups, router, stats, down)
 
 
 # ---- 4. the qwen2_moe checkpoint -------------------------------------------------------------
@@ -424,6 +447,7 @@ def moe_tensors(tensors: dict, layers: list[Layer], top_k: int) -> dict:
     for i, layer in enumerate(layers):
         p = f"model.layers.{i}.mlp."
         wg, wu, wd = (tensors[f"{p}{n}_proj.weight"] for n in ("gate", "up", "down"))
+        wd = wd if layer.down is None else layer.down
         for e, g in enumerate(layer.groups):
             out[f"{p}experts.{e}.gate_proj.weight"] = wg[g]
             out[f"{p}experts.{e}.up_proj.weight"] = wu[g]
@@ -503,13 +527,13 @@ def held_ppl(model, held: dict, progress: bool, desc: str) -> dict:
 def evaluate_spec(ctx, acts, spec: Spec, args, out: Path | None = None) -> dict:
     """Build the MoE for spec, write it (to out or a temporary directory), load it with
     transformers' Qwen2MoeForCausalLM and measure held-out perplexity."""
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     layers = build_layers(ctx["config"], ctx["tensors"], acts, spec, args.seed, progress=not args.quiet)
-    build_s = time.perf_counter() - t
+    build_s, build_cpu_s = time.perf_counter() - t, time.process_time() - cpu
     cfg = moe_config(ctx["config"], spec)
     tensors = moe_tensors(ctx["tensors"], layers, spec.top_k)
     record = dict(spec=asdict(spec), active=spec.active(ctx["config"]["intermediate_size"]),
-                  build_s=round(build_s, 1), fit=summarize(layers))
+                  build_s=round(build_s, 1), build_cpu_s=round(build_cpu_s, 1), fit=summarize(layers))
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         path = out or Path(tmp) / "moe"
         write_checkpoint(path, cfg, tensors, ctx["tokenizer"], extra=dict(record, gguf=ctx["gguf"]))
@@ -519,7 +543,7 @@ def evaluate_spec(ctx, acts, spec: Spec, args, out: Path | None = None) -> dict:
 
 
 def cmd_search(args, ctx) -> dict:
-    specs = [Spec.parse(c, args.cluster, args.temperature) for c in args.configs.split(",")]
+    specs = [Spec.parse(c, args.cluster, args.temperature, args.refit) for c in args.configs.split(",")]
     F = ctx["config"]["intermediate_size"]
     for s in specs:
         s.width(F)
@@ -530,16 +554,16 @@ def cmd_search(args, ctx) -> dict:
         r = evaluate_spec(ctx, acts, spec, args)
         r["ratio"] = r["ppl"]["mean"] / dense_ppl["mean"]
         rows.append(r)
-        print(f"{spec.experts}:{spec.top_k}:{spec.shared} {spec.cluster} T={spec.temperature} "
+        print(f"{spec.experts}:{spec.top_k}:{spec.shared} {spec.cluster} T={spec.temperature} refit={spec.refit} "
               f"active {r['active']:.3f}  ppl {r['ppl']['mean']:.3f} ({r['ratio']:.3f}x dense)  "
-              f"recall {r['fit']['recall']:.3f}  err {r['fit']['routed_err']:.3f} "
+              f"recall {r['fit']['recall']:.3f}  err {r['fit']['ffn_err']:.3f} "
               f"(oracle {r['fit']['oracle_err']:.3f})  build {r['build_s']:.0f}s", flush=True)
     return dict(dense_ppl=dense_ppl, configs=rows)
 
 
 def cmd_build(args, ctx) -> dict:
     out = Path(args.out)
-    spec = Spec(args.experts, args.top_k, args.shared, args.cluster, args.temperature)
+    spec = Spec(args.experts, args.top_k, args.shared, args.cluster, args.temperature, args.refit)
     spec.width(ctx["config"]["intermediate_size"])
     acts = ffn_inputs(ctx["dense"], ctx["train"], progress=not args.quiet)
     dense_ppl = held_ppl(ctx["dense"], ctx["held"], not args.quiet, "dense")
@@ -629,6 +653,8 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--eval-tokens", type=int, default=24576, help="held-out perplexity tokens")
     common.add_argument("--cluster", choices=("coact", "random"), default="coact")
     common.add_argument("--temperature", type=float, default=0.01, help="router logit scale (default 0.01)")
+    common.add_argument("--refit", type=float, default=0.0,
+                        help="least-squares refit of the down projections, this ridge (0: off; 0.3 measured)")
     common.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--json", help="write the record here")
@@ -675,6 +701,7 @@ def main(argv=None) -> int:
         return 2
     record.update(command=" ".join(["python scripts/moefy_smollm2.py", *(argv or sys.argv[1:])]),
                   date=time.strftime("%Y-%m-%d"), total_s=round(time.perf_counter() - ctx["t0"], 1),
+                  cpu_s=round(time.process_time(), 1),  # wall time includes any time others' jobs held the CPU
                   train_tokens=args.train_tokens, eval_tokens=args.eval_tokens, threads=args.threads)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

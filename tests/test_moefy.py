@@ -138,14 +138,16 @@ def test_balanced_kmeans_sizes():
     assert np.array_equal(np.bincount(labels), [10] * 4)
 
 
-@pytest.mark.parametrize("spec", [mf.Spec(4, 2, 8), mf.Spec(6, 3, 8, cluster="random"), mf.Spec(8, 2, 0)])
+@pytest.mark.parametrize("spec", [mf.Spec(4, 2, 8), mf.Spec(6, 3, 8, cluster="random"), mf.Spec(8, 2, 0),
+                                  mf.Spec(4, 2, 8, refit=0.3)])
 def test_split_partitions_every_neuron(tiny, spec):
     _, config, tensors, _, acts, _ = tiny
     layer = mf.build_layers(config, tensors, acts, spec, seed=0, progress=False)[0]
     assert layer.groups.shape == (spec.experts, spec.width(56)) and len(layer.shared) == spec.shared
     assert np.array_equal(np.sort(np.concatenate([layer.shared, layer.groups.ravel()])), np.arange(56))
     assert layer.router.shape == (spec.experts, 32)
-    assert 0 <= layer.stats["recall"] <= 1 and layer.stats["oracle_err"] <= layer.stats["routed_err"] + 1e-6
+    assert (layer.down is None) == (spec.refit == 0) and (spec.refit == 0 or layer.down.shape == (32, 56))
+    assert 0 <= layer.stats["recall"] <= 1 and layer.stats["oracle_err"] <= layer.stats["ffn_err"] + 1e-6
 
 
 def _write(tiny, spec, name):
@@ -179,11 +181,12 @@ def test_all_experts_active_is_the_dense_model(tiny, contiguous):
 
 
 def test_checkpoint_converts_and_matches_transformers(tiny):
-    """A routed build (top-2 of 4 + shared) through `moejax convert` against transformers'
-    Qwen2MoeForCausalLM on the written directory: logits, cached decode, greedy tokens."""
+    """A routed build (top-2 of 4 + shared, refitted down projections) through `moejax convert`
+    against transformers' Qwen2MoeForCausalLM on the written directory: logits, cached decode,
+    greedy tokens."""
     from moejax.convert import convert
 
-    path = _write(tiny, mf.Spec(4, 2, 8, temperature=1.0), "routed")
+    path = _write(tiny, mf.Spec(4, 2, 8, temperature=1.0, refit=0.3), "routed")
     convert(path, tiny[5] / "routed-mj", progress=False)
     compare(tiny[5] / "routed-mj", mf.load_hf(path), seed=0)
     assert (tiny[5] / "routed-mj" / "tokenizer.json").exists()
