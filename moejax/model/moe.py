@@ -124,15 +124,25 @@ def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc, quant=None):
     routes to add exactly zero, so both sum every token's experts in the same order with the
     same arithmetic: offloaded prefill is bit for bit the resident one. On the CPU the expert
     kernel computes the same sums in the same order, each expert only for its routed tokens."""
-    if _kernel(x, stack, quant):
-        out = jax.ShapeDtypeStruct(acc.shape, acc.dtype)
-        call = lambda: jax.ffi.ffi_call("moejax_experts_ordered", out, input_output_aliases={7: 0})(  # noqa: E731
+    if not _kernel(x, stack, quant):
+        return _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)
+    out = jax.ShapeDtypeStruct(acc.shape, acc.dtype)
+
+    def call(stack, acc):
+        kernel = lambda: jax.ffi.ffi_call("moejax_experts_ordered", out, input_output_aliases={7: 0})(  # noqa: E731
             x, stack, rows.astype(jnp.int32), ids.astype(jnp.int32), ok.astype(bool), idx.astype(jnp.int32),
             weights.astype(jnp.float32), acc)
-        acc = jax.lax.platform_dependent(
-            cpu=call, default=lambda: _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)[0])
-        return acc, stack
-    return _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)
+        return jax.lax.platform_dependent(
+            cpu=kernel, default=lambda: _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)[0])
+
+    # The stack comes out of the kernel's loop, so that a later in-place write into it (the
+    # offloaded prefill's next group of fetches) is ordered after the kernel's read and XLA need
+    # not copy the pool. A loop of a traced single iteration: XLA inlines a loop it knows runs
+    # once, and drops optimization barriers before it decides on copies.
+    once = jnp.minimum(jnp.sum(ids >= 0), 1)
+    body = lambda _, c: jax.lax.optimization_barrier((c[0], call(*c)))  # noqa: E731
+    stack, acc = jax.lax.fori_loop(0, once, body, (stack, acc))
+    return acc, stack
 
 
 def _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant):
