@@ -91,8 +91,7 @@ def _head(module_logits_args, x, last, key, temperature, top_p):
 
     embed, final_norm, lm_head, eps = module_logits_args
     hidden = L.rms_norm(x, final_norm, eps)
-    logits = (L.linear(hidden, embed, transposed=True) if lm_head is None else L.linear(hidden, lm_head))
-    logits = logits.astype(jnp.float32)  # [B, T, V]
+    logits = L.lm_head(hidden, embed, lm_head)  # [B, T, V]
     logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
     return sample(logits, key, temperature, top_p), logits
 

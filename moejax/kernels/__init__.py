@@ -82,7 +82,7 @@ def available() -> bool:
             ok = True
         except (OSError, subprocess.CalledProcessError, AttributeError) as e:
             detail = e.stderr.strip().splitlines()[-1] if isinstance(e, subprocess.CalledProcessError) and e.stderr else e
-            print(f"moejax: CPU expert kernel unavailable ({detail}); computing experts with jnp", file=sys.stderr)
+            print(f"moejax: CPU kernels unavailable ({detail}); computing with jnp", file=sys.stderr)
     _state["ok"] = ok
     return ok
 

@@ -117,7 +117,7 @@ void down_part(const W* __restrict__ down, int64_t H, int64_t I, int64_t h0, int
 // tokens; phase 1 runs a task per (group, row part), phase 2 likewise.
 struct Job {
   const void* stack;
-  int64_t S, H, I, parts;
+  int64_t H, I, parts;
   const float* x;  // [N, H] float32
   std::vector<Contribution> list;
   std::vector<int32_t> order;          // indices into list, grouped by row
@@ -173,9 +173,6 @@ void work(const std::shared_ptr<Job>& job) {
   }
 }
 
-template <typename W, bool BF16>
-void phases(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool wide);
-
 int64_t min_parallel_bytes() {
   static const int64_t v = [] {
     const char* e = std::getenv("MOEJAX_KERNEL_PARALLEL_BYTES");
@@ -220,7 +217,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, std
 
   auto job = std::make_shared<Job>();
   job->stack = stack.untyped_data();
-  job->S = S, job->H = H, job->I = I, job->parts = (H + kRows - 1) / kRows;
+  job->H = H, job->I = I, job->parts = (H + kRows - 1) / kRows;
   std::vector<float> xf(N * H);
   if (bf16) {
     const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());

@@ -200,9 +200,7 @@ class Decoder(nnx.Module):
     def logits(self, x):
         """Final norm + LM head: x [..., H] -> float32 logits [..., V]."""
         h = L.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
-        if self.lm_head is None:
-            return L.linear(h, self.embed[...], transposed=True).astype(jnp.float32)
-        return L.linear(h, self.lm_head[...]).astype(jnp.float32)
+        return L.lm_head(h, self.embed[...], None if self.lm_head is None else self.lm_head[...])
 
     def __call__(self, tokens, cache, pos):
         """tokens [B, T] int32, cache: tuple of (k, v) per layer, pos scalar -> logits [B, T, V], cache."""

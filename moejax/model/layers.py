@@ -118,6 +118,13 @@ def linear(x, w, transposed: bool = False):
     return y.reshape(*lead, O)
 
 
+def lm_head(h, embed, head):
+    """Normalised hidden states [..., H] -> float32 logits [..., V] through the LM head [H, V],
+    or (head None) the tied embedding [V, H]. The resident model and the stepwise engine share it."""
+    y = linear(h, embed, transposed=True) if head is None else linear(h, head)
+    return y.astype(jnp.float32)
+
+
 def swiglu(x, w):
     """x [N, H]; w [3, H, I] = (gate, up, down^T) -> [N, H]."""
     h = jax.nn.silu(x @ w[0]) * (x @ w[1])  # [N, I]
