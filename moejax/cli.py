@@ -736,7 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --dtype like the rest)")
     c.add_argument("--group-size", type=int, default=None,
                    help="int4: weights per scale along each matrix's input dimension; must divide the hidden "
-                        "and expert intermediate sizes (default 64)")
+                        "and expert intermediate sizes, or exceed one (one group per row) (default 64)")
     c.add_argument("--force", action="store_true", help="overwrite dst if it exists")
     c.set_defaults(func=cmd_convert)
 

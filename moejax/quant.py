@@ -13,7 +13,9 @@ dynamic slice) and hold the packed bytes:
 
 Scales are symmetric (absmax / qmax) over groups of consecutive weights along each matrix's
 contraction axis: int8 has one group spanning the axis (a scale per output channel: gH = H,
-gI = I); int4 groups of `group` weights (gH = gI = group, which must divide H and I).
+gI = I); int4 groups of `group` weights along each axis the group divides, and one group
+spanning an axis shorter than the group (fine-grained experts: SmolLM2's MoE has I = 44, so
+group 64 gives gH = 64, gI = 44); any other axis is refused.
 Weights are rounded against the scale as stored (bfloat16), so its rounding adds no error.
 `dequantize` runs on the device inside the expert computation (`model.moe.block`):
 w = q * scale, rounded once to the compute dtype.
@@ -44,7 +46,9 @@ class Quant(NamedTuple):
     @property
     def groups(self) -> tuple[int, int]:
         """(gH, gI): group sizes of gate/up (along H) and of down (along I)."""
-        return (self.hidden, self.inter) if self.scheme == "int8" else (self.group, self.group)
+        if self.scheme == "int8":
+            return self.hidden, self.inter
+        return min(self.group, self.hidden), min(self.group, self.inter)
 
     @property
     def weight_bytes(self) -> int:
@@ -73,9 +77,10 @@ def check(scheme: str, group: int, hidden: int, inter: int) -> None:
     if scheme == "int8" and group:
         raise UnsupportedConfig("int8 experts have a scale per output channel: no group size")
     if scheme == "int4":
-        if group < 1 or hidden % group or inter % group:
-            raise UnsupportedConfig(f"int4 group size {group} must be positive and divide the contraction dims of "
-                                    f"the experts: hidden {hidden} (gate, up) and intermediate {inter} (down)")
+        if group < 1 or any(d % group and d > group for d in (hidden, inter)):
+            raise UnsupportedConfig(f"int4 group size {group} must be positive and divide each contraction dim of "
+                                    f"the experts it is not longer than: hidden {hidden} (gate, up) and "
+                                    f"intermediate {inter} (down)")
         if hidden % 2:
             raise UnsupportedConfig(f"int4 packs pairs of rows: hidden size {hidden} must be even")
 

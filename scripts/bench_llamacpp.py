@@ -11,7 +11,9 @@ moejax's CPU path (issue 15). This program
    $MOEJAX_CACHE/llama.cpp (default ~/.cache/moejax/llama.cpp): a second run builds nothing;
 2. converts each Hugging Face checkpoint to GGUF (f32, bf16, and q8_0 as an extra
    llama.cpp-only row) with llama.cpp's own convert_hf_to_gguf.py and the gguf-py of the same
-   tree. A tokenizer whose BPE pre-tokenizer hash llama.cpp does not know (the bundled
+   tree; "int8" (both systems: routed experts 8-bit, the rest bf16) is the bf16 GGUF with its
+   expert tensors requantized to q8_0 by llama-quantize --tensor-type, and on moejax's side the
+   checkpoint converted with --experts int8. A tokenizer whose BPE pre-tokenizer hash llama.cpp does not know (the bundled
    model's) gets the rule --bpe-pre (default "gpt-2", the rule the bundled tokenizer uses):
    the converter runs inside a small wrapper that maps it at run time; no vendored file is
    edited. Random models without a tokenizer get the bundled model's tokenizer (llama.cpp
@@ -65,7 +67,11 @@ REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "checkpoints" / "moejax-shakespeare-moe"
 PROMPT_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
                "First Citizen:\nYou are all resolved rather to die than to famish?\n")
-MJ_DTYPE = {"f32": "float32", "bf16": "bfloat16"}
+MJ_DTYPE = {"f32": "float32", "bf16": "bfloat16", "int8": "bfloat16"}
+# "int8": routed experts 8-bit, everything else bfloat16, in both systems: moejax `convert
+# --dtype bfloat16 --experts int8` (a scale per output channel) against llama.cpp's bf16 GGUF
+# with its expert tensors requantized to q8_0 (a scale per 32 weights) by llama-quantize.
+EXPERT_Q8 = ("ffn_gate_exps=q8_0", "ffn_up_exps=q8_0", "ffn_down_exps=q8_0")
 
 
 class BenchError(Exception):
@@ -263,8 +269,8 @@ def build_llama(src: Path, build: Path, jobs: int) -> None:
     run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=ON",
          "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
          "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF", "-DGGML_OPENMP=ON"], log=log)
-    run(["cmake", "--build", build, "--config", "Release", "-j", str(jobs), "--target", "llama-bench", "llama"],
-        log=log)
+    run(["cmake", "--build", build, "--config", "Release", "-j", str(jobs), "--target", "llama-bench", "llama",
+         "llama-quantize"], log=log)
     print(f"built llama.cpp in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
@@ -299,6 +305,11 @@ def llama_tools(a) -> dict:
     bench = find_file(build, "llama-bench")
     if bench is None:
         raise BenchError(f"no llama-bench under {build}")
+    quantize = find_file(build, "llama-quantize")
+    if quantize is None and a.llama_build is None and "int8" in a.dtypes:  # a build from before the int8 row
+        run(["cmake", "--build", build, "--config", "Release", "-j", str(a.jobs), "--target", "llama-quantize"],
+            log=root / "build.log")
+        quantize = find_file(build, "llama-quantize")
     greedy = root / "bin" / "moejax-greedy"
     if not greedy.is_file() or greedy.stat().st_mtime < bench.stat().st_mtime:
         greedy = build_greedy(src, build, greedy)
@@ -306,7 +317,7 @@ def llama_tools(a) -> dict:
     g = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
     if g.returncode == 0 and g.stdout.strip():
         commit = g.stdout.strip()
-    return {"src": src, "build": build, "bench": bench, "greedy": greedy, "commit": commit}
+    return {"src": src, "build": build, "bench": bench, "greedy": greedy, "quantize": quantize, "commit": commit}
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +378,15 @@ def give_tokenizer(hf: Path) -> None:
 def to_gguf(tools: dict, hf: Path, outtype: str, out: Path, bpe_pre: str) -> dict:
     if out.is_file():
         return {"path": str(out), "bpe_pre_mapped": None}
+    if outtype == "int8":  # the bf16 GGUF, expert tensors requantized to q8_0
+        if tools.get("quantize") is None:
+            raise BenchError("the int8 row needs llama-quantize (build the target llama-quantize in --llama-build)")
+        bf16 = to_gguf(tools, hf, "bf16", out.with_name("model-bf16.gguf"), bpe_pre)
+        tmp = out.with_suffix(".part")
+        types = [x for t in EXPERT_Q8 for x in ("--tensor-type", t)]
+        run([tools["quantize"], *types, bf16["path"], tmp, "BF16"])
+        tmp.rename(out)
+        return {"path": str(out), "bpe_pre_mapped": bf16["bpe_pre_mapped"], "llama_quantize": [*types, "BF16"]}
     wrapper = out.parent / "convert_wrapper.py"
     wrapper.write_text(CONVERT_WRAPPER)
     env = dict(os.environ, MOEJAX_BPE_PRE=bpe_pre or "")
@@ -463,7 +483,14 @@ def bench_model(name: str, a, tools: dict, work: Path) -> list[dict]:
         print(f"{label}: GGUF {dtype} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         model = None
         if dtype in MJ_DTYPE:
-            model = moejax.load(mj_path, dtype=MJ_DTYPE[dtype])
+            path = mj_path
+            if dtype == "int8":
+                from moejax.convert import convert
+
+                path = work / "mj-int8" / label.split()[0]
+                if not (path / "moejax.json").is_file():
+                    convert(hf, path, dtype="bfloat16", experts="int8", progress=False)
+            model = moejax.load(path, dtype=MJ_DTYPE[dtype])
             if n_params is None:
                 import jax
 
@@ -479,7 +506,7 @@ def bench_model(name: str, a, tools: dict, work: Path) -> list[dict]:
             print(f"{label} {dtype} trial {t + 1}/{a.trials}: (prefill, decode) tok/s {msg}", file=sys.stderr)
         med = lambda rows, k: statistics.median(r[k] for r in rows) if rows else None  # noqa: E731
         rec = {"model": label, "path": str(hf), "params": n_params, "dtype": dtype, "gguf_bytes": Path(conv["path"]).stat().st_size,
-               "bpe_pre_mapped": conv["bpe_pre_mapped"], "prompt_ids": ids,
+               "bpe_pre_mapped": conv["bpe_pre_mapped"], "llama_quantize": conv.get("llama_quantize"), "prompt_ids": ids,
                "tokens_per_s": {
                    "moejax": {"prefill": med(trials["moejax"], "prefill"), "decode": med(trials["moejax"], "decode")},
                    "llama_bench": {"prefill": med(trials["llama_bench"], "prefill"),
@@ -524,7 +551,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=str(BUNDLED),
                    help="comma-separated: Hugging Face checkpoint directories, or small / medium (random models)")
-    p.add_argument("--dtypes", default="f32,bf16", help="run by both systems (f32, bf16)")
+    p.add_argument("--dtypes", default="f32,bf16", help="run by both systems (f32, bf16, int8: 8-bit experts)")
     p.add_argument("--llama-only", default="q8_0", help="GGUF types run by llama.cpp alone ('' for none)")
     p.add_argument("--llama-build", type=Path, help="an existing cmake build directory of llama.cpp")
     p.add_argument("--bpe-pre", default="gpt-2",

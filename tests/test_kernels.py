@@ -83,6 +83,28 @@ def test_linear_matches_jnp(dt, N, H, O):
     np.testing.assert_allclose(f32(tied), f32(ref), atol=tol(dt, ref))
 
 
+@pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 16)])
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("N,H,I", [(1, 64, 48), (3, 320, 32), (2, 32, 288)])  # H > 256: row parts
+def test_quantized_experts_match_jnp(scheme, group, dt, N, H, I):
+    """int8 / int4 packed rows (moejax.quant) dequantized inside the kernel, decode and prefill,
+    against the jnp path that dequantizes the block first; the kernel is in the program."""
+    from moejax.quant import Quant, quantize
+
+    q, S, k = Quant(scheme, group, H, I), 9, 4
+    x, stack, ids, w = data(dt, N, H, I, S, k, seed=6)
+    rows = jnp.asarray(quantize(np.asarray(stack, np.float32), q))  # [S, B] uint8
+    decode = jax.jit(lambda *a: moe.experts_indexed(*a, quant=q))
+    assert "moejax_experts_decode" in decode.lower(x, rows, ids, w).compile().as_text()
+    ref = jax.jit(lambda *a: moe._indexed_jnp(*a, q))(x, rows, ids, w)
+    np.testing.assert_allclose(f32(decode(x, rows, ids, w)), f32(ref), atol=tol(dt, ref))
+    every, acc = jnp.arange(S, dtype=jnp.int32), jnp.zeros((N, H), dt)
+    args = (x, rows, every, every, jnp.ones(S, bool), ids, w, acc)
+    got = jax.jit(lambda *a: moe.experts_ordered(*a, quant=q))(*args)[0]
+    ref = jax.jit(lambda *a: moe._ordered_jnp(*a, q))(*args)[0]
+    np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
+
+
 def test_ffn_matches_swiglu():
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((5, 40)), jnp.float32)

@@ -33,7 +33,8 @@ def _groups(w, q):
     return np.concatenate([gu, d], axis=-3)
 
 
-@pytest.mark.parametrize("q", [Quant("int8", 0, H, I), Quant("int4", 16, H, I), Quant("int4", 32, H, I)])
+@pytest.mark.parametrize("q", [Quant("int8", 0, H, I), Quant("int4", 16, H, I), Quant("int4", 32, H, I),
+                               Quant("int4", 64, H, I)])  # 64 > I: gI = I, a scale per down row
 def test_round_trip_error_is_half_a_step_of_its_group(q):
     w = _experts()
     rows = quantize(w, q)
@@ -95,7 +96,8 @@ def test_bad_schemes_and_groups_are_refused():
 
     check("int8", 0, H, I)
     check("int4", 16, H, I)
-    for args in (("int3", 0), ("int8", 32), ("int4", 0), ("int4", 24), ("int4", -8), ("int4", 64)):
+    check("int4", 64, H, I)  # longer than I = 32: down has one group per row (below)
+    for args in (("int3", 0), ("int8", 32), ("int4", 0), ("int4", 24), ("int4", -8), ("int4", 48)):
         with pytest.raises(UnsupportedConfig):
             check(args[0], args[1], H, I)
 

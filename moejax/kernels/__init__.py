@@ -87,10 +87,11 @@ def available() -> bool:
     return ok
 
 
-def usable(x, w) -> bool:
+def usable(x, w, packed: bool = False) -> bool:
     """Whether the kernels compute with activations x and weights w: float32 or bfloat16
-    activations, float32, bfloat16 or bfloat16-bits (uint16) weights, and a built kernel."""
+    activations, float32, bfloat16 or bfloat16-bits (uint16) weights, or (packed) quantized
+    experts as uint8 rows, and a built kernel."""
     import jax.numpy as jnp
 
-    return (x.dtype in (jnp.float32, jnp.bfloat16) and w.dtype in (jnp.float32, jnp.bfloat16, jnp.uint16)
-            and available())
+    weights = (jnp.uint8,) if packed else (jnp.float32, jnp.bfloat16, jnp.uint16)
+    return x.dtype in (jnp.float32, jnp.bfloat16) and w.dtype in weights and available()

@@ -16,8 +16,10 @@
 // weighted term, the sum); products are accumulated in float32.
 //
 // Shapes: x, acc [N, H] (f32 or bf16); stack [S, 3, H, I] (f32, bf16, or bf16 bits as u16):
-// gate [H, I], up [H, I], down stored [H, I]. Rows are clamped to [0, S) as XLA clamps a
-// dynamic slice.
+// gate [H, I], up [H, I], down stored [H, I]; or quantized experts (attribute bits 8 or 4) as
+// packed rows [S, B] uint8 in moejax.quant's layout, each weight dequantized as
+// moejax.quant.dequantize does (q * scale in float32, rounded to the activation dtype) into a
+// row buffer right before it is used. Rows are clamped to [0, S) as XLA clamps a dynamic slice.
 
 #include <algorithm>
 #include <atomic>
@@ -72,14 +74,16 @@ inline float ld(W v) {
 }
 
 // Phase 1, rows [h0, h1) of gate and up for n tokens x [n][H] -> partial g, u [n][I].
-template <typename W>
-void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t H, int64_t I, int64_t h0, int64_t h1,
-                  const float* __restrict__ x, int n, float* __restrict__ g, float* __restrict__ u) {
+// rows(h) -> {gate row h, up row h}, each I weights of type W.
+template <typename W, typename Rows>
+void gate_up_part(Rows rows, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ x, int n,
+                  float* __restrict__ g, float* __restrict__ u) {
   std::fill(g, g + n * I, 0.0f);
   std::fill(u, u + n * I, 0.0f);
   for (int64_t h = h0; h < h1; ++h) {
-    const W* __restrict__ gr = gate + h * I;
-    const W* __restrict__ ur = up + h * I;
+    const auto [gr_, ur_] = rows(h);
+    const W* __restrict__ gr = gr_;
+    const W* __restrict__ ur = ur_;
     for (int t = 0; t < n; ++t) {
       const float xv = x[t * H + h];
       float* __restrict__ gt = g + t * I;
@@ -92,13 +96,13 @@ void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t 
   }
 }
 
-// Phase 2, rows [h0, h1) of down: y[t][h] = down[h] . a[t], a [n][I] -> y [n][H].
-template <typename W, bool BF16>
-void down_part(const W* __restrict__ down, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ a,
-               int n, float* __restrict__ y) {
+// Phase 2, rows [h0, h1) of down: y[t][h] = down[h] . a[t], a [n][I] -> y [n][H]; rows(h) -> down row h.
+template <typename W, bool BF16, typename Rows>
+void down_part(Rows rows, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ a, int n,
+               float* __restrict__ y) {
   constexpr int LANES = 16;
   for (int64_t h = h0; h < h1; ++h) {
-    const W* __restrict__ dr = down + h * I;
+    const W* __restrict__ dr = rows(h);
     for (int t = 0; t < n; ++t) {
       const float* __restrict__ at = a + t * I;
       float lane[LANES] = {0};
@@ -113,11 +117,57 @@ void down_part(const W* __restrict__ down, int64_t H, int64_t I, int64_t h0, int
   }
 }
 
+// A quantized expert's layout (moejax.quant.Quant): bits 8 or 4, scale groups gH (gate, up:
+// along H) and gI (down: along I), and the bytes of its weights (the scales follow them).
+struct Quant {
+  int64_t bits = 0, gH = 0, gI = 0, wbytes = 0;
+  int64_t row_bytes(int64_t H, int64_t I) const {  // one packed expert: weights, then bf16 scales
+    return wbytes + 2 * (2 * (H / gH) * I + H * (I / gI));
+  }
+};
+
+inline float scale_at(const uint8_t* s, int64_t j) {  // bf16 bits, possibly unaligned
+  uint16_t b;
+  std::memcpy(&b, s + 2 * j, 2);
+  return bf16_to_f32(b);
+}
+
+// Row h of matrix m (0 gate, 1 up, 2 down) of the packed expert e -> out [I] float32, as
+// moejax.quant.dequantize computes it: q * scale, rounded to bfloat16 for bfloat16 activations.
+// sc: scratch for I scales.
+template <bool BF16>
+void dequant_row(const uint8_t* __restrict__ e, const Quant& q, int64_t H, int64_t I, int m, int64_t h,
+                 float* __restrict__ out, float* __restrict__ sc) {
+  const uint8_t* s = e + q.wbytes;
+  if (m < 2) {  // a scale per column i, in group h / gH of rows
+    const int64_t base = (m * (H / q.gH) + h / q.gH) * I;
+    for (int64_t i = 0; i < I; ++i) sc[i] = scale_at(s, base + i);
+  } else {  // a scale per group of gI columns of row h
+    const int64_t G = I / q.gI, base = 2 * (H / q.gH) * I + h * G;
+    for (int64_t gi = 0; gi < G; ++gi) std::fill(sc + gi * q.gI, sc + (gi + 1) * q.gI, scale_at(s, base + gi));
+  }
+  if (q.bits == 8) {
+    const int8_t* __restrict__ r = reinterpret_cast<const int8_t*>(e) + (m * H + h) * I;
+    for (int64_t i = 0; i < I; ++i) out[i] = float(r[i]) * sc[i];
+  } else {  // int4: byte row h % (H/2) holds row h in its low nibble (h < H/2) or its high one
+    const int64_t H2 = H / 2;
+    const int8_t* __restrict__ r = reinterpret_cast<const int8_t*>(e) + (m * H2 + h % H2) * I;
+    if (h < H2)
+      for (int64_t i = 0; i < I; ++i) out[i] = float(int8_t(uint8_t(r[i]) << 4) >> 4) * sc[i];
+    else
+      for (int64_t i = 0; i < I; ++i) out[i] = float(r[i] >> 4) * sc[i];
+  }
+  if (BF16)
+    for (int64_t i = 0; i < I; ++i) out[i] = round_bf16(out[i]);
+}
+
 // The work of one call: contributions grouped by expert row into groups of at most kChunk
 // tokens; phase 1 runs a task per (group, row part), phase 2 likewise.
 struct Job {
   const void* stack;
   int64_t H, I, parts;
+  Quant q;                             // q.bits 0: stack [S, 3, H, I] of W
+  int64_t row_bytes;                   // bytes of one expert in the stack
   const float* x;  // [N, H] float32
   std::vector<Contribution> list;
   std::vector<int32_t> order;          // indices into list, grouped by row
@@ -128,19 +178,32 @@ struct Job {
   int64_t tasks() const { return (int64_t(group_begin.size()) - 1) * parts; }
 };
 
-template <typename W, bool BF16, int PHASE>
+// W: the weights' element type; Q: packed quantized experts (rows dequantized into float buffers).
+template <typename W, bool BF16, int PHASE, bool Q>
 void run_task(Job& job, int64_t task) {
   const int64_t grp = task / job.parts, part = task % job.parts;
   const int64_t b = job.group_begin[grp], e = job.group_begin[grp + 1];
   const int n = int(e - b);
   const int64_t H = job.H, I = job.I, P = int64_t(job.list.size());
   const int64_t h0 = part * kRows, h1 = std::min(H, h0 + kRows);
-  const W* w = static_cast<const W*>(job.stack) + int64_t(job.list[job.order[b]].row) * 3 * H * I;
+  const uint8_t* ex = static_cast<const uint8_t*>(job.stack) + int64_t(job.list[job.order[b]].row) * job.row_bytes;
+  const W* w = reinterpret_cast<const W*>(ex);
+  std::vector<float> buf(Q ? 3 * I : 0);  // dequantized rows (two in phase 1) and their scales
   if (PHASE == 1) {
     std::vector<float> xs(n * H), g(n * I), u(n * I);
     for (int k = 0; k < n; ++k)
       std::memcpy(&xs[k * H], job.x + int64_t(job.list[job.order[b + k]].token) * H, H * sizeof(float));
-    gate_up_part<W>(w, w + H * I, H, I, h0, h1, xs.data(), n, g.data(), u.data());
+    if constexpr (Q) {
+      auto rows = [&](int64_t h) {
+        dequant_row<BF16>(ex, job.q, H, I, 0, h, buf.data(), buf.data() + 2 * I);
+        dequant_row<BF16>(ex, job.q, H, I, 1, h, buf.data() + I, buf.data() + 2 * I);
+        return std::pair<const float*, const float*>(buf.data(), buf.data() + I);
+      };
+      gate_up_part<float>(rows, H, I, h0, h1, xs.data(), n, g.data(), u.data());
+    } else {
+      auto rows = [&](int64_t h) { return std::pair<const W*, const W*>(w + h * I, w + (H + h) * I); };
+      gate_up_part<W>(rows, H, I, h0, h1, xs.data(), n, g.data(), u.data());
+    }
     for (int k = 0; k < n; ++k) {
       std::memcpy(&job.gp[(part * P + job.order[b + k]) * I], &g[k * I], I * sizeof(float));
       std::memcpy(&job.up[(part * P + job.order[b + k]) * I], &u[k * I], I * sizeof(float));
@@ -158,17 +221,25 @@ void run_task(Job& job, int64_t task) {
         a[k * I + i] = BF16 ? round_bf16(sv * uv) : sv * uv;
       }
     }
-    down_part<W, BF16>(w + 2 * H * I, H, I, h0, h1, a.data(), n, ys.data());
+    if constexpr (Q) {
+      auto rows = [&](int64_t h) {
+        dequant_row<BF16>(ex, job.q, H, I, 2, h, buf.data(), buf.data() + 2 * I);
+        return static_cast<const float*>(buf.data());
+      };
+      down_part<float, BF16>(rows, H, I, h0, h1, a.data(), n, ys.data());
+    } else {
+      down_part<W, BF16>([&](int64_t h) { return w + (2 * H + h) * I; }, H, I, h0, h1, a.data(), n, ys.data());
+    }
     for (int k = 0; k < n; ++k)
       std::memcpy(&job.y[int64_t(job.order[b + k]) * H + h0], &ys[k * H + h0], (h1 - h0) * sizeof(float));
   }
 }
 
-template <typename W, bool BF16, int PHASE>
+template <typename W, bool BF16, int PHASE, bool Q>
 void work(const std::shared_ptr<Job>& job) {
   const int64_t tasks = job->tasks();
   for (int64_t t; (t = job->next[PHASE - 1].fetch_add(1)) < tasks;) {
-    run_task<W, BF16, PHASE>(*job, t);
+    run_task<W, BF16, PHASE, Q>(*job, t);
     job->done[PHASE - 1].fetch_add(1, std::memory_order_release);
   }
 }
@@ -194,30 +265,38 @@ void parallel(ffi::ThreadPool& pool, const std::shared_ptr<J>& job, int64_t task
   }
 }
 
-template <typename W, bool BF16>
+template <typename W, bool BF16, bool Q = false>
 void phases(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool wide) {
   const int64_t tasks = job->tasks();
-  parallel(pool, job, tasks, wide, work<W, BF16, 1>, job->done[0]);
-  parallel(pool, job, tasks, wide, work<W, BF16, 2>, job->done[1]);
+  parallel(pool, job, tasks, wide, work<W, BF16, 1, Q>, job->done[0]);
+  parallel(pool, job, tasks, wide, work<W, BF16, 2, Q>, job->done[1]);
 }
 
-ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, std::vector<Contribution> list,
-               const void* acc_in, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, const Quant& q, int64_t inter,
+               std::vector<Contribution> list, const void* acc_in, ffi::Result<ffi::AnyBuffer> out) {
   const auto xd = x.dimensions(), sd = stack.dimensions();
-  if (xd.size() != 2 || sd.size() != 4 || sd[1] != 3 || sd[2] != xd[1])
-    return ffi::Error::InvalidArgument("moejax experts: x [N, H] and stack [S, 3, H, I] expected");
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
   if (!bf16 && x.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("moejax experts: x must be float32 or bfloat16");
   const auto st = stack.element_type();
   const bool wide = st == ffi::DataType::F32;
-  if (!wide && st != ffi::DataType::BF16 && st != ffi::DataType::U16)
-    return ffi::Error::InvalidArgument("moejax experts: stack must be float32, bfloat16 or uint16 bits");
-  const int64_t N = xd[0], H = xd[1], S = sd[0], I = sd[3];
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("moejax experts: x [N, H] expected");
+  const int64_t N = xd[0], H = xd[1], S = sd[0], I = q.bits ? inter : (sd.size() == 4 ? sd[3] : 0);
+  if (q.bits) {
+    if ((q.bits != 8 && q.bits != 4) || q.gH < 1 || q.gI < 1 || H % q.gH || I % q.gI || (q.bits == 4 && H % 2) ||
+        sd.size() != 2 || st != ffi::DataType::U8 || sd[1] != q.row_bytes(H, I))
+      return ffi::Error::InvalidArgument("moejax experts: quantized stack [S, B] uint8 does not match its layout");
+  } else {
+    if (sd.size() != 4 || sd[1] != 3 || sd[2] != H)
+      return ffi::Error::InvalidArgument("moejax experts: x [N, H] and stack [S, 3, H, I] expected");
+    if (!wide && st != ffi::DataType::BF16 && st != ffi::DataType::U16)
+      return ffi::Error::InvalidArgument("moejax experts: stack must be float32, bfloat16 or uint16 bits");
+  }
 
   auto job = std::make_shared<Job>();
   job->stack = stack.untyped_data();
-  job->H = H, job->I = I, job->parts = (H + kRows - 1) / kRows;
+  job->H = H, job->I = I, job->parts = (H + kRows - 1) / kRows, job->q = q;
+  job->row_bytes = q.bits ? q.row_bytes(H, I) : 3 * H * I * (wide ? 4 : 2);
   std::vector<float> xf(N * H);
   if (bf16) {
     const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());
@@ -242,9 +321,10 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, std
   job->up.resize(job->parts * P * I);
   job->y.resize(P * H);
   if (P > 0) {
-    const int64_t esize = wide ? 4 : 2;
-    const bool par = (int64_t(job->group_begin.size()) - 1) * 3 * H * I * esize >= min_parallel_bytes();
-    if (wide) phases<float, false>(pool, job, par);
+    const bool par = (int64_t(job->group_begin.size()) - 1) * job->row_bytes >= min_parallel_bytes();
+    if (q.bits && bf16) phases<float, true, true>(pool, job, par);
+    else if (q.bits) phases<float, false, true>(pool, job, par);
+    else if (wide) phases<float, false>(pool, job, par);
     else if (bf16) phases<uint16_t, true>(pool, job, par);
     else phases<uint16_t, false>(pool, job, par);
   }
@@ -279,8 +359,18 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, std
 }
 
 // Decode: ids, weights [N, k]; token n's experts summed in router order from zero.
+// Attributes (both handlers): bits (0: stack [S, 3, H, I] of floats; 8, 4: packed rows [S, B]),
+// group_h, group_i (scale groups, quantized only), inter (I, quantized only).
+Quant quant_of(int64_t bits, int64_t group_h, int64_t group_i, int64_t H, int64_t I) {
+  Quant q;
+  q.bits = bits, q.gH = group_h, q.gI = group_i;
+  q.wbytes = bits == 8 ? 3 * H * I : 3 * (H / 2) * I;
+  return q;
+}
+
 ffi::Error Decode(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> ids,
-                  ffi::Buffer<ffi::F32> weights, ffi::Result<ffi::AnyBuffer> out) {
+                  ffi::Buffer<ffi::F32> weights, ffi::Result<ffi::AnyBuffer> out, int64_t bits, int64_t group_h,
+                  int64_t group_i, int64_t inter) {
   const auto d = ids.dimensions();
   if (d.size() != 2 || weights.dimensions().size() != 2 || weights.dimensions()[0] != d[0] ||
       weights.dimensions()[1] != d[1] || x.dimensions().size() != 2 || x.dimensions()[0] != d[0])
@@ -290,14 +380,16 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, 
   for (int64_t n = 0; n < d[0]; ++n)
     for (int64_t j = 0; j < d[1]; ++j)
       list.push_back({int32_t(n), ids.typed_data()[n * d[1] + j], weights.typed_data()[n * d[1] + j]});
-  return Run(pool, x, stack, std::move(list), nullptr, out);
+  const Quant q = quant_of(bits, group_h, group_i, x.dimensions()[1], inter);
+  return Run(pool, x, stack, q, inter, std::move(list), nullptr, out);
 }
 
 // Prefill: for each position p in order with ok[p], every token routed (idx) to expert ids[p]
 // adds its weight times the FFN of stack row rows[p] to acc.
 ffi::Error Ordered(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, ffi::Buffer<ffi::S32> rows,
                    ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::PRED> ok, ffi::Buffer<ffi::S32> idx,
-                   ffi::Buffer<ffi::F32> weights, ffi::AnyBuffer acc, ffi::Result<ffi::AnyBuffer> out) {
+                   ffi::Buffer<ffi::F32> weights, ffi::AnyBuffer acc, ffi::Result<ffi::AnyBuffer> out, int64_t bits,
+                   int64_t group_h, int64_t group_i, int64_t inter) {
   const int64_t G = rows.element_count();
   const auto d = idx.dimensions();
   if (ids.element_count() != G || ok.element_count() != G || d.size() != 2 || x.dimensions().size() != 2 ||
@@ -317,7 +409,8 @@ ffi::Error Ordered(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack,
       if (hit) list.push_back({int32_t(n), rows.typed_data()[p], w});
     }
   }
-  return Run(pool, x, stack, std::move(list), acc.untyped_data(), out);
+  const Quant q = quant_of(bits, group_h, group_i, x.dimensions()[1], inter);
+  return Run(pool, x, stack, q, inter, std::move(list), acc.untyped_data(), out);
 }
 
 // ---- linear layers: y [N, O] = x [N, H] @ w [H, O] (or w stored [O, H], transposed) ---------
@@ -463,7 +556,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsDecode, Decode,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_h")
+                                  .Attr<int64_t>("group_i")
+                                  .Attr<int64_t>("inter"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsOrdered, Ordered,
                               ffi::Ffi::Bind()
@@ -476,4 +573,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsOrdered, Ordered,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("bits")
+                                  .Attr<int64_t>("group_h")
+                                  .Attr<int64_t>("group_i")
+                                  .Attr<int64_t>("inter"));

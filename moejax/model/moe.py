@@ -77,11 +77,22 @@ def block(stack, row, dtype, quant=None):
 
 
 def _kernel(x, stack, quant) -> bool:
-    """Whether the CPU expert kernel (moejax.kernels) computes these experts: unquantized
-    float32 or bfloat16 experts, where it could be built."""
+    """Whether the CPU expert kernel (moejax.kernels) computes these experts: float32 or
+    bfloat16 experts, or int8/int4 packed rows, where it could be built."""
     from moejax import kernels
 
-    return quant is None and kernels.usable(x, stack)
+    return kernels.usable(x, stack, quant is not None)
+
+
+def _layout(quant) -> dict:
+    """The kernel's attributes for an expert layout (moejax.kernels, cpu_experts.cc)."""
+    import numpy as np
+
+    if quant is None:
+        return dict(bits=np.int64(0), group_h=np.int64(0), group_i=np.int64(0), inter=np.int64(0))
+    gH, gI = quant.groups
+    return dict(bits=np.int64(8 if quant.scheme == "int8" else 4), group_h=np.int64(gH), group_i=np.int64(gI),
+                inter=np.int64(quant.inter))
 
 
 def experts_indexed(x, stack, ids, weights, quant=None):
@@ -95,7 +106,7 @@ def experts_indexed(x, stack, ids, weights, quant=None):
     if _kernel(x, stack, quant):
         out = jax.ShapeDtypeStruct(x.shape, x.dtype)
         call = lambda: jax.ffi.ffi_call("moejax_experts_decode", out)(  # noqa: E731
-            x, stack, ids.astype(jnp.int32), weights.astype(jnp.float32))
+            x, stack, ids.astype(jnp.int32), weights.astype(jnp.float32), **_layout(quant))
         return jax.lax.platform_dependent(cpu=call, default=lambda: _indexed_jnp(x, stack, ids, weights, quant))
     return _indexed_jnp(x, stack, ids, weights, quant)
 
@@ -131,7 +142,7 @@ def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc, quant=None):
     def call(stack, acc):
         kernel = lambda: jax.ffi.ffi_call("moejax_experts_ordered", out, input_output_aliases={7: 0})(  # noqa: E731
             x, stack, rows.astype(jnp.int32), ids.astype(jnp.int32), ok.astype(bool), idx.astype(jnp.int32),
-            weights.astype(jnp.float32), acc)
+            weights.astype(jnp.float32), acc, **_layout(quant))
         return jax.lax.platform_dependent(
             cpu=kernel, default=lambda: _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)[0])
 
