@@ -70,7 +70,7 @@ def test_experts_ordered_matches_jnp_and_groups(dt):
 
 
 @pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("N,H,O", [(1, 48, 70), (3, 300, 1100), (5, 7, 33)])
+@pytest.mark.parametrize("N,H,O", [(1, 48, 70), (3, 300, 1100), (5, 7, 33), (1, 40, 2100)])  # 2 x N rows
 def test_linear_matches_jnp(dt, N, H, O):
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, N, H)), dt)  # leading dims are flattened

@@ -437,8 +437,10 @@ void linear_part(Linear& L, int64_t q) {  // w [H, O]: rows [h0, h1), h-major in
   const W* w = static_cast<const W*>(L.w);
   const int64_t h0 = q * L.block, h1 = std::min(L.H, h0 + L.block), O = L.O;
   float* __restrict__ acc = L.y.data() + q * L.N * O;
-  // Columns at a time, so that the accumulators of all N tokens (N x OC floats) stay in L1.
-  const int64_t OC = std::clamp<int64_t>(8192 / std::max<int64_t>(L.N, 1) / 16 * 16, 16, 1024);
+  // Columns at a time, so that the accumulators of all N tokens (N x OC floats) stay in L1;
+  // a few tokens (decode) take whole rows, so that the task streams its block of w from start
+  // to end (column chunks of a wide w read short runs at a stride, which halved the bandwidth).
+  const int64_t OC = L.N <= 4 ? O : std::clamp<int64_t>(8192 / L.N / 16 * 16, 16, 1024);
   for (int64_t o0 = 0; o0 < O; o0 += OC) {
     const int64_t m = std::min(OC, O - o0);
     for (int64_t h = h0; h < h1; ++h) {
