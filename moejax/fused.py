@@ -76,6 +76,40 @@ def next_layer(layers, i):
     return nxt.router[...], None if nxt.router_bias is None else nxt.router_bias[...], nxt.mlp_norm[...]
 
 
+class PackedState:
+    """The decision state (`decisions.init_state`: a dict of 17 small arrays) as ONE int32
+    vector at the programs' boundary: each argument and result buffer costs the call ~5 µs on
+    2 CPU cores (~90 µs a step for the dict), one vector costs one. Inside a program the state
+    is the dict again. float32 leaves travel bit-cast and bools as 0/1, so nothing is rounded."""
+
+    def __init__(self, example: dict):
+        leaves, self.treedef = jax.tree.flatten(example)
+        self.shapes = [np.shape(x) for x in leaves]
+        self.dtypes = [np.dtype(x.dtype) for x in leaves]
+        bad = [d for d in self.dtypes if d not in (np.int32, np.float32, np.bool_)]
+        if bad:
+            raise TypeError(f"cannot pack decision state of dtypes {bad}")
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        self.offsets = np.cumsum([0, *self.sizes]).tolist()
+
+    def pack(self, state, xp=jnp):
+        """dict -> int32 [n] (xp: jnp inside a program, np on the host)."""
+        def word(x, dt):
+            x = xp.asarray(x)
+            if dt == np.float32:
+                return x.view(np.int32) if xp is np else jax.lax.bitcast_convert_type(x, jnp.int32)
+            return x.astype(np.int32)
+        return xp.concatenate([word(x, dt).reshape(-1) for x, dt in zip(jax.tree.leaves(state), self.dtypes)])
+
+    def unpack(self, vec, xp=jnp) -> dict:
+        def leaf(i):
+            x = vec[self.offsets[i]:self.offsets[i + 1]].reshape(self.shapes[i])
+            if self.dtypes[i] == np.float32:
+                return x.view(np.float32) if xp is np else jax.lax.bitcast_convert_type(x, jnp.float32)
+            return x != 0 if self.dtypes[i] == np.bool_ else x
+        return jax.tree.unflatten(self.treedef, [leaf(i) for i in range(len(self.sizes))])
+
+
 class FusedEngine(OffloadedGeneration):
     """Runs a converted checkpoint with its routed experts in host memory and a device expert
     pool sized by `budget` (a parsed --vram-budget; None = every expert fits), one XLA
@@ -128,7 +162,7 @@ class FusedEngine(OffloadedGeneration):
         """Fresh telemetry, an empty pool and fresh policy state. If the pool holds every
         expert (and the policy reuses experts), it is filled now: decoding then moves no bytes."""
         self.pool = new_pool(self.store, self.moe_ids, self.plan.pool_slots, self.full, scratch=1)
-        self.state = jax.device_put(D.init_state(self.layout, self.policy.score_window, self.full), self.device)
+        self.state = D.init_state(self.layout, self.policy.score_window, self.full)
         self.kv = empty_cache(self.config, self.batch, self.cache_len, self.dtype)
         self._t = Telemetry()
 
@@ -144,6 +178,16 @@ class FusedEngine(OffloadedGeneration):
         program's temporaries (fetched blocks in flight included)."""
         kv = sum(a.nbytes for pair in self.kv for a in pair)
         return self._dense_bytes + kv + self.pool.nbytes + self._program_bytes
+
+    @property
+    def state(self) -> dict:
+        """The decision state (numpy copies, read from the device now)."""
+        return self._packer.unpack(np.asarray(self._packed), np)
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self._packer = PackedState(value)
+        self._packed = jax.device_put(self._packer.pack(jax.device_get(value), np), self.device)
 
     def counters(self) -> dict[str, int]:
         return {k: int(v) for k, v in jax.device_get(self.state["counters"]).items()}
@@ -238,9 +282,10 @@ class FusedEngine(OffloadedGeneration):
             params = jax.tree.unflatten(self._param_def, params)
             module = nnx.merge(self.graphdef, params)
             x = module.embed_tokens(token[:, None])  # [B, 1, H]
+            state = self._packer.unpack(state)
             module, x, pool, kv, state = self._run_layers(params, stacks, pool, kv, state, x, pos)
             logits = module.logits(x)[:, 0]  # [B, V]
-            return sample(logits, key, temperature, top_p), logits, pool, kv, state
+            return sample(logits, key, temperature, top_p), logits, pool, kv, self._packer.pack(state)
         return step
 
     def _prefill_fn(self, temperature, top_p):
@@ -251,14 +296,17 @@ class FusedEngine(OffloadedGeneration):
             B, Tp = tokens.shape
             x = module.embed_tokens(tokens)  # [B, Tp, H]
             valid = jnp.broadcast_to(jnp.arange(Tp) < T, (B, Tp)).reshape(-1)  # [N]
+            state = self._packer.unpack(state)
             module, x, pool, kv, state = self._run_layers(params, stacks, pool, kv, state, x, jnp.int32(0), valid)
             logits = jax.lax.dynamic_index_in_dim(module.logits(x), T - 1, axis=1, keepdims=False)  # [B, V]
-            return sample(logits, key, temperature, top_p), logits, pool, kv, state
+            return sample(logits, key, temperature, top_p), logits, pool, kv, self._packer.pack(state)
         return prefill
 
     def _args(self, x, pos, key):
-        return (self._param_leaves, self.stacks, self.pool, tuple(self.kv), self.state, np.asarray(x, np.int32),
-                np.int32(pos), key)
+        # a token array the last step returned goes back in as it is: through numpy it would
+        # be read back and transferred again (~0.2 ms a step on 2 CPU cores)
+        x = x if isinstance(x, jax.Array) and x.dtype == jnp.int32 else np.asarray(x, np.int32)
+        return (self._param_leaves, self.stacks, self.pool, tuple(self.kv), self._packed, x, np.int32(pos), key)
 
     def _ensure(self, programs, temperature: float, top_p: float) -> None:
         """Compile ahead of time the programs {kind: args} not compiled yet for these argument
@@ -312,7 +360,7 @@ class FusedEngine(OffloadedGeneration):
         if pkey not in self.compiled_programs:
             self._ensure({kind: args}, temperature, top_p)
             args = self._args(x, pos, key)  # the pool may have been rebuilt for the temporaries
-        tok, logits, self.pool, kv, self.state = self.compiled_programs[pkey](*args)
+        tok, logits, self.pool, kv, self._packed = self.compiled_programs[pkey](*args)
         self.kv = list(kv)
         return tok, logits
 
@@ -342,7 +390,9 @@ class FusedEngine(OffloadedGeneration):
 
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
         """token [B] at position pos -> (next token [B], logits [B, V])."""
-        return self._run("decode", np.asarray(token).reshape(self.batch), pos, key, float(temperature), float(top_p))
+        if not (isinstance(token, jax.Array) and token.shape == (self.batch,)):
+            token = np.asarray(token).reshape(self.batch)
+        return self._run("decode", token, pos, key, float(temperature), float(top_p))
 
 
 class _Rebuilt(Exception):

@@ -1,49 +1,170 @@
 #!/usr/bin/env python3
-"""Fused engine at a 100% budget against the resident model, bundled model, batch 1: TPOT of
-both (40 tokens after warm-up), then the fused engine's `step` and its compiled decode program
-called directly (median of 50), to separate Python around the step from the program.
+"""Fused engine at a 100% budget (or --budget) against the resident model, bundled model
+(docs/benchmarks.md, "Engine overhead with every expert resident"), batch 1 and 3, in one process.
 
-    python scripts/fused_overhead.py
+TPOT: `generate` of --new-tokens after a 16-token prompt, for each engine in turn, --rounds
+times with the order rotating every round (so drift of a shared machine hits all alike); the
+ratio fused / resident is taken within each round, and its median and spread are reported.
+Then, to split the fused step: the compiled decode program called directly, the engine's
+`step`, and the resident model's bound decode step called directly (medians of blocks of 10
+steps, blocks interleaved). --before COMMIT also runs that commit's moejax/fused.py (loaded
+from git into a scratch module) side by side, for a before/after in the same run.
+
+    python scripts/fused_overhead.py --batch 1,3 --rounds 15 --json docs/results/cpu_fused_overhead.json
 """
-import statistics
-import time
+from __future__ import annotations
 
-import jax
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
 import numpy as np
 
-import moejax
-from moejax.engine import make_engine
 
-p = moejax.api.resolve("checkpoints/moejax-shakespeare-moe")
-m = moejax.load(p)
-e = make_engine("fused", p, "lru", ("pct", 1.0), batch=1, cache_len=128)
-ids = np.arange(5, 21, dtype=np.int32)[None]
-e.generate(ids, 40, warmup=True)
-fused = e.generate(ids, 40).tpot_ms
-m.generate(ids, 40, warmup=True)
-resident = m.generate(ids, 40).tpot_ms
-key, tok = np.asarray(jax.random.PRNGKey(0)), np.zeros(1, np.int32)
-
-
-def median_ms(fn):
-    ts = []
-    for i in range(50):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(i))
-        ts.append(time.perf_counter() - t)
-    return round(1e3 * statistics.median(ts), 3)
+def load_fused_at(commit: str):
+    """moejax/fused.py as it was at `commit`, as a scratch module (its FusedEngine)."""
+    src = subprocess.run(["git", "show", f"{commit}:moejax/fused.py"], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    path = Path(tempfile.mkdtemp()) / f"fused_{commit}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"fused_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FusedEngine
 
 
-step = median_ms(lambda i: e.step(tok, 20 + i % 20, key))
-program = next(v for k, v in e.compiled_programs.items() if k[0] == "decode")
+def spread(values) -> dict:
+    v = np.asarray(values, float)
+    return {"median": round(float(np.median(v)), 3), "q25": round(float(np.percentile(v, 25)), 3),
+            "q75": round(float(np.percentile(v, 75)), 3), "min": round(float(v.min()), 3),
+            "max": round(float(v.max()), 3)}
 
 
-def call(i):
-    out = program(*e._args(tok, 20, key))
-    _, _, e.pool, kv, e.state = out
-    e.kv = list(kv)
-    return out
+def direct_ms(fns: dict, blocks: int, block: int = 10) -> dict:
+    """{name: median ms of one synchronised call}: blocks of `block` calls, names rotating."""
+    ts = {k: [] for k in fns}
+    names = list(fns)
+    for b in range(blocks):
+        for k in names[b % len(names):] + names[:b % len(names)]:
+            for i in range(block):
+                t = time.perf_counter()
+                np.array(fns[k](i))
+                ts[k].append(time.perf_counter() - t)
+    return {k: round(1e3 * statistics.median(v), 3) for k, v in ts.items()}
 
 
-print({"fused_tpot_ms": round(fused, 3), "resident_tpot_ms": round(resident, 3), "ratio": round(fused / resident, 2),
-       "fused_step_ms": step, "fused_program_ms": median_ms(call)})
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="checkpoints/moejax-shakespeare-moe")
+    p.add_argument("--batch", default="1,3", help="comma-separated batch sizes")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved generate rounds per batch")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--policy", default="lru", help="the fused engine's policy (at 100%% nothing is evicted)")
+    p.add_argument("--budget", type=float, default=100.0, help="--vram-budget in percent")
+    p.add_argument("--alpha", type=float, default=0.0, help="the policy's alpha (smoe: substitution)")
+    p.add_argument("--before", help="a commit whose moejax/fused.py runs beside the current one")
+    p.add_argument("--json", type=Path, help="write the record here")
+    a = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    import moejax
+    from moejax import kernels
+    from moejax.api import load_tokenizer
+    from moejax.bench import prompt_tokens
+    from moejax.engine import load_parts
+    from moejax.fused import FusedEngine
+    from moejax.generate import bound_steps, cache_length, empty_cache
+
+    path = moejax.api.resolve(a.model)
+    model = moejax.load(path)
+    parts = load_parts(path)
+    classes = {"fused": FusedEngine}
+    if a.before:
+        classes[f"fused@{a.before}"] = load_fused_at(a.before)
+    S = cache_length(a.prompt_len, a.new_tokens)
+    key = np.asarray(jax.random.PRNGKey(0))
+    rec = {"date": datetime.now().isoformat(timespec="minutes"), "model": a.model, "jax": jax.__version__,
+           "cpu_kernels": kernels.available(), "cores": os.cpu_count(), "load_avg_start": os.getloadavg(),
+           "policy": a.policy, "budget": f"{a.budget:g}%", "alpha": a.alpha, "new_tokens": a.new_tokens,
+           "prompt_len": a.prompt_len,
+           "rounds": a.rounds, "command": " ".join(["python scripts/fused_overhead.py", *(argv or sys.argv[1:])]),
+           "batches": {}}
+    for batch in [int(b) for b in a.batch.split(",")]:
+        prompt = prompt_tokens(load_tokenizer(path), model.config.vocab_size, batch, a.prompt_len)
+        engines = {name: cls(path, a.policy, ("pct", a.budget / 100), batch=batch, cache_len=S, parts=parts,
+                              alpha=a.alpha)
+                   for name, cls in classes.items()}
+        run = {"resident": lambda: model.generate(prompt, a.new_tokens)}
+        run.update({name: (lambda e=e: e.generate(prompt, a.new_tokens)) for name, e in engines.items()})
+        model.generate(prompt, a.new_tokens, warmup=True)
+        for e in engines.values():
+            e.generate(prompt, a.new_tokens, warmup=True)
+        names, rounds = list(run), []
+        for r in range(a.rounds):
+            row = {}
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                g = run[name]()
+                row[name] = {"tpot_ms": round(g.tpot_ms, 3), "median_step_ms": round(1e3 * float(np.median(g.step_s)), 3)}
+            rounds.append(row)
+        out = {"tpot_ms": {n: spread([r[n]["tpot_ms"] for r in rounds]) for n in names},
+               "median_step_ms": {n: spread([r[n]["median_step_ms"] for r in rounds]) for n in names},
+               "ratio_to_resident": {n: spread([r[n]["tpot_ms"] / r["resident"]["tpot_ms"] for r in rounds])
+                                     for n in names if n != "resident"},
+               "rounds": rounds}
+
+        # the split: resident bound step, each fused engine's `step` and its compiled program, called directly
+        _, decode = bound_steps(model)
+        st = {"cache": empty_cache(model.config, batch, S, model.dtype), "tok": jnp.zeros(batch, jnp.int32)}
+
+        def resident_step(i):
+            st["tok"], _, st["cache"] = decode(st["tok"], st["cache"], np.int32(a.prompt_len + i), key, 0.0, 1.0)
+            return st["tok"]
+
+        fns = {"resident bound step": resident_step}
+        for name, e in engines.items():
+            e.reset()
+            program = next(v for k, v in e.compiled_programs.items() if k[0] == "decode")
+            toks = {"step": jnp.zeros(batch, jnp.int32), "program": jnp.zeros(batch, jnp.int32)}
+
+            def step(i, e=e, toks=toks):
+                toks["step"] = e.step(toks["step"], a.prompt_len + i, key)[0]
+                return toks["step"]
+
+            def call(i, e=e, toks=toks, program=program):
+                args = list(e._args(toks["program"], a.prompt_len + i, key))
+                args[5] = toks["program"]  # a device token, as `generate` passes it
+                res = program(*args)
+                toks["program"], _, e.pool, kv = res[:4]
+                e.kv = list(kv)
+                if hasattr(e, "_packed"):
+                    e._packed = res[4]
+                else:
+                    e.state = res[4]
+                return toks["program"]
+
+            fns[f"{name} step"] = step
+            fns[f"{name} program"] = call
+        out["direct_ms"] = direct_ms(fns, blocks=4 * len(fns))
+        rec["batches"][str(batch)] = out
+        print(json.dumps({"batch": batch, "tpot_ms": {n: v["median"] for n, v in out["tpot_ms"].items()},
+                          "ratio_to_resident": out["ratio_to_resident"], "direct_ms": out["direct_ms"]}), flush=True)
+    rec["load_avg_end"] = os.getloadavg()
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(rec, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
