@@ -17,9 +17,8 @@
 //
 // Shapes: x, acc [N, H] (f32 or bf16); stack [S, 3, H, I] (f32, bf16, or bf16 bits as u16):
 // gate [H, I], up [H, I], down stored [H, I]; or quantized experts (attribute bits 8 or 4) as
-// packed rows [S, B] uint8 in moejax.quant's layout, each weight dequantized as
-// moejax.quant.dequantize does (q * scale in float32, rounded to the activation dtype) into a
-// row buffer right before it is used. Rows are clamped to [0, S) as XLA clamps a dynamic slice.
+// packed rows [S, B] uint8 in moejax.quant's layout, read in place (QExpert below: each scale
+// multiplies the float32 sum of its group of integer weights times activations). Rows are clamped to [0, S) as XLA clamps a dynamic slice.
 
 #include <algorithm>
 #include <atomic>
@@ -28,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -74,16 +74,14 @@ inline float ld(W v) {
 }
 
 // Phase 1, rows [h0, h1) of gate and up for n tokens x [n][H] -> partial g, u [n][I].
-// rows(h) -> {gate row h, up row h}, each I weights of type W.
-template <typename W, typename Rows>
-void gate_up_part(Rows rows, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ x, int n,
-                  float* __restrict__ g, float* __restrict__ u) {
+template <typename W>
+void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t H, int64_t I, int64_t h0, int64_t h1,
+                  const float* __restrict__ x, int n, float* __restrict__ g, float* __restrict__ u) {
   std::fill(g, g + n * I, 0.0f);
   std::fill(u, u + n * I, 0.0f);
   for (int64_t h = h0; h < h1; ++h) {
-    const auto [gr_, ur_] = rows(h);
-    const W* __restrict__ gr = gr_;
-    const W* __restrict__ ur = ur_;
+    const W* __restrict__ gr = gate + h * I;
+    const W* __restrict__ ur = up + h * I;
     for (int t = 0; t < n; ++t) {
       const float xv = x[t * H + h];
       float* __restrict__ gt = g + t * I;
@@ -96,13 +94,13 @@ void gate_up_part(Rows rows, int64_t H, int64_t I, int64_t h0, int64_t h1, const
   }
 }
 
-// Phase 2, rows [h0, h1) of down: y[t][h] = down[h] . a[t], a [n][I] -> y [n][H]; rows(h) -> down row h.
-template <typename W, bool BF16, typename Rows>
-void down_part(Rows rows, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ a, int n,
-               float* __restrict__ y) {
+// Phase 2, rows [h0, h1) of down: y[t][h] = down[h] . a[t], a [n][I] -> y [n][H].
+template <typename W, bool BF16>
+void down_part(const W* __restrict__ down, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ a,
+               int n, float* __restrict__ y) {
   constexpr int LANES = 16;
   for (int64_t h = h0; h < h1; ++h) {
-    const W* __restrict__ dr = rows(h);
+    const W* __restrict__ dr = down + h * I;
     for (int t = 0; t < n; ++t) {
       const float* __restrict__ at = a + t * I;
       float lane[LANES] = {0};
@@ -132,34 +130,104 @@ inline float scale_at(const uint8_t* s, int64_t j) {  // bf16 bits, possibly una
   return bf16_to_f32(b);
 }
 
-// Row h of matrix m (0 gate, 1 up, 2 down) of the packed expert e -> out [I] float32, as
-// moejax.quant.dequantize computes it: q * scale, rounded to bfloat16 for bfloat16 activations.
-// sc: scratch for I scales.
-template <bool BF16>
-void dequant_row(const uint8_t* __restrict__ e, const Quant& q, int64_t H, int64_t I, int m, int64_t h,
-                 float* __restrict__ out, float* __restrict__ sc) {
-  const uint8_t* s = e + q.wbytes;
-  if (m < 2) {  // a scale per column i, in group h / gH of rows
-    const int64_t base = (m * (H / q.gH) + h / q.gH) * I;
-    for (int64_t i = 0; i < I; ++i) sc[i] = scale_at(s, base + i);
-  } else {  // a scale per group of gI columns of row h
-    const int64_t G = I / q.gI, base = 2 * (H / q.gH) * I + h * G;
-    for (int64_t gi = 0; gi < G; ++gi) std::fill(sc + gi * q.gI, sc + (gi + 1) * q.gI, scale_at(s, base + gi));
-  }
-  if (q.bits == 8) {
-    const int8_t* __restrict__ r = reinterpret_cast<const int8_t*>(e) + (m * H + h) * I;
-    for (int64_t i = 0; i < I; ++i) out[i] = float(r[i]) * sc[i];
-  } else {  // int4: byte row h % (H/2) holds row h in its low nibble (h < H/2) or its high one
-    const int64_t H2 = H / 2;
-    const int8_t* __restrict__ r = reinterpret_cast<const int8_t*>(e) + (m * H2 + h % H2) * I;
-    if (h < H2)
-      for (int64_t i = 0; i < I; ++i) out[i] = float(int8_t(uint8_t(r[i]) << 4) >> 4) * sc[i];
-    else
-      for (int64_t i = 0; i < I; ++i) out[i] = float(r[i] >> 4) * sc[i];
-  }
-  if (BF16)
-    for (int64_t i = 0; i < I; ++i) out[i] = round_bf16(out[i]);
+// The integer weight i of a packed row r: KIND 0: int8; 1, 2: the low or high nibble of int4
+// (two's complement), as float.
+template <int KIND>
+inline float qv(const int8_t* __restrict__ r, int64_t i) {
+  if constexpr (KIND == 0) return float(r[i]);
+  else if constexpr (KIND == 1) return float(int8_t(uint8_t(r[i]) << 4) >> 4);
+  else return float(r[i] >> 4);
 }
+
+template <typename F>
+void by_kind(int kind, F f) {  // f(std::integral_constant<int, kind>)
+  if (kind == 0) f(std::integral_constant<int, 0>());
+  else if (kind == 1) f(std::integral_constant<int, 1>());
+  else f(std::integral_constant<int, 2>());
+}
+
+// Quantized experts: integer weights are summed against the activations in float32 and each
+// scale multiplies the sum of its group (as a quantized matmul does, and llama.cpp's q8_0),
+// instead of dequantizing every weight first: one conversion per weight and no rounding of
+// weights, which made the kernel compute-bound at half the bf16 kernel's speed. This is the
+// CPU kernel's arithmetic for every path (resident and both engines), so alpha 0 stays exact;
+// it differs from the jnp formulation (q * scale rounded to the activation dtype, then dots)
+// by rounding, like the float kernels.
+struct QExpert {
+  const uint8_t* e;
+  const Quant& q;
+  int64_t H, I;
+
+  const int8_t* row(int m, int64_t h, int& kind) const {  // int4: byte row h % (H/2), nibble h >= H/2
+    if (q.bits == 8) return kind = 0, reinterpret_cast<const int8_t*>(e) + (m * H + h) * I;
+    const int64_t H2 = H / 2;
+    return kind = h < H2 ? 1 : 2, reinterpret_cast<const int8_t*>(e) + (m * H2 + h % H2) * I;
+  }
+  float scale(int64_t j) const { return scale_at(e + q.wbytes, j); }
+
+  // Phase 1, rows [h0, h1) of gate and up for n tokens -> partial g, u [n][I]: per scale group
+  // of rows, the raw sums tg, tu, then g += scale * tg.
+  void gate_up(int64_t h0, int64_t h1, const float* __restrict__ x, int n, float* __restrict__ g,
+               float* __restrict__ u) const {
+    std::fill(g, g + n * I, 0.0f);
+    std::fill(u, u + n * I, 0.0f);
+    std::vector<float> tg(n * I), tu(n * I);
+    for (int64_t h = h0; h < h1;) {
+      const int64_t grp = h / q.gH, end = std::min(h1, (grp + 1) * q.gH);
+      std::fill(tg.begin(), tg.end(), 0.0f);
+      std::fill(tu.begin(), tu.end(), 0.0f);
+      for (; h < end; ++h) {
+        int kind;
+        const int8_t *gq = row(0, h, kind), *uq = row(1, h, kind);
+        by_kind(kind, [&](auto K) {
+          for (int t = 0; t < n; ++t) {
+            const float xv = x[t * H + h];
+            float* __restrict__ gt = tg.data() + t * I;
+            float* __restrict__ ut = tu.data() + t * I;
+            for (int64_t i = 0; i < I; ++i) {
+              gt[i] += xv * qv<decltype(K)::value>(gq, i);
+              ut[i] += xv * qv<decltype(K)::value>(uq, i);
+            }
+          }
+        });
+      }
+      const int64_t sg = grp * I, su = (H / q.gH + grp) * I;  // scales [2, H/gH, I]
+      for (int64_t i = 0; i < I; ++i) {
+        const float a = scale(sg + i), b = scale(su + i);
+        for (int t = 0; t < n; ++t) g[t * I + i] += a * tg[t * I + i], u[t * I + i] += b * tu[t * I + i];
+      }
+    }
+  }
+
+  // Phase 2, rows [h0, h1) of down: y[t][h] = sum over column groups of scale * (q . a[t]).
+  template <bool BF16>
+  void down(int64_t h0, int64_t h1, const float* __restrict__ a, int n, float* __restrict__ y) const {
+    constexpr int LANES = 16;
+    const int64_t G = I / q.gI, base = 2 * (H / q.gH) * I;
+    for (int64_t h = h0; h < h1; ++h) {
+      int kind;
+      const int8_t* r = row(2, h, kind);
+      by_kind(kind, [&](auto K) {
+        for (int t = 0; t < n; ++t) {
+          float s = 0.0f;
+          for (int64_t gi = 0; gi < G; ++gi) {
+            const int8_t* rg = r + gi * q.gI;
+            const float* ag = a + t * I + gi * q.gI;
+            float lane[LANES] = {0};
+            int64_t i = 0;
+            for (; i + LANES <= q.gI; i += LANES)
+              for (int l = 0; l < LANES; ++l) lane[l] += qv<decltype(K)::value>(rg, i + l) * ag[i + l];
+            float d = 0.0f;
+            for (; i < q.gI; ++i) d += qv<decltype(K)::value>(rg, i) * ag[i];
+            for (int l = 0; l < LANES; ++l) d += lane[l];
+            s += scale(base + h * G + gi) * d;
+          }
+          y[t * H + h] = BF16 ? round_bf16(s) : s;
+        }
+      });
+    }
+  }
+};
 
 // The work of one call: contributions grouped by expert row into groups of at most kChunk
 // tokens; phase 1 runs a task per (group, row part), phase 2 likewise.
@@ -188,21 +256,14 @@ void run_task(Job& job, int64_t task) {
   const int64_t h0 = part * kRows, h1 = std::min(H, h0 + kRows);
   const uint8_t* ex = static_cast<const uint8_t*>(job.stack) + int64_t(job.list[job.order[b]].row) * job.row_bytes;
   const W* w = reinterpret_cast<const W*>(ex);
-  std::vector<float> buf(Q ? 3 * I : 0);  // dequantized rows (two in phase 1) and their scales
   if (PHASE == 1) {
     std::vector<float> xs(n * H), g(n * I), u(n * I);
     for (int k = 0; k < n; ++k)
       std::memcpy(&xs[k * H], job.x + int64_t(job.list[job.order[b + k]].token) * H, H * sizeof(float));
     if constexpr (Q) {
-      auto rows = [&](int64_t h) {
-        dequant_row<BF16>(ex, job.q, H, I, 0, h, buf.data(), buf.data() + 2 * I);
-        dequant_row<BF16>(ex, job.q, H, I, 1, h, buf.data() + I, buf.data() + 2 * I);
-        return std::pair<const float*, const float*>(buf.data(), buf.data() + I);
-      };
-      gate_up_part<float>(rows, H, I, h0, h1, xs.data(), n, g.data(), u.data());
+      QExpert{ex, job.q, H, I}.gate_up(h0, h1, xs.data(), n, g.data(), u.data());
     } else {
-      auto rows = [&](int64_t h) { return std::pair<const W*, const W*>(w + h * I, w + (H + h) * I); };
-      gate_up_part<W>(rows, H, I, h0, h1, xs.data(), n, g.data(), u.data());
+      gate_up_part<W>(w, w + H * I, H, I, h0, h1, xs.data(), n, g.data(), u.data());
     }
     for (int k = 0; k < n; ++k) {
       std::memcpy(&job.gp[(part * P + job.order[b + k]) * I], &g[k * I], I * sizeof(float));
@@ -222,13 +283,9 @@ void run_task(Job& job, int64_t task) {
       }
     }
     if constexpr (Q) {
-      auto rows = [&](int64_t h) {
-        dequant_row<BF16>(ex, job.q, H, I, 2, h, buf.data(), buf.data() + 2 * I);
-        return static_cast<const float*>(buf.data());
-      };
-      down_part<float, BF16>(rows, H, I, h0, h1, a.data(), n, ys.data());
+      QExpert{ex, job.q, H, I}.down<BF16>(h0, h1, a.data(), n, ys.data());
     } else {
-      down_part<W, BF16>([&](int64_t h) { return w + (2 * H + h) * I; }, H, I, h0, h1, a.data(), n, ys.data());
+      down_part<W, BF16>(w + 2 * H * I, H, I, h0, h1, a.data(), n, ys.data());
     }
     for (int k = 0; k < n; ++k)
       std::memcpy(&job.y[int64_t(job.order[b + k]) * H + h0], &ys[k * H + h0], (h1 - h0) * sizeof(float));
