@@ -861,7 +861,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "else resident)")
     et.add_argument("--prefix", default="8", help="context tokens prefilled; the rest of the context and every "
                     "choice are decoded token by token (as eval ppl); 'all' prefills the whole context, so that "
-                    "only choice tokens after the first are decoded (default 8)")
+                    "only choice tokens after the first are decoded (resident: all choices in one batched call, "
+                    "the same log-likelihoods, faster) (default 8)")
     et.add_argument("--json", help="write the rows here (rewritten as each task finishes)")
     et.add_argument("--markdown", help="also write the markdown table here")
     _engine_flags(et)

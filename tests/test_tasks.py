@@ -186,3 +186,34 @@ def test_substitution_and_skip_report_their_rates(tiny, tmp_path):
     assert sub["tasks"][0]["substitution_rate"] > 0 and sub["tasks"][0]["skip_rate"] == 0
     assert skip["tasks"][0]["skip_rate"] > 0 and skip["tasks"][0]["substitution_rate"] == 0
     assert skip["run"]["skip_rate"] == skip["tasks"][0]["skip_rate"]  # one task: the run's rate is the task's
+
+
+def test_prefilled_scoring_is_decode_mode_and_unchanged_by_buckets(tiny):
+    """--prefix all on the resident model (score_prefilled: the context, then all choices in one
+    batch, both padded to buckets) gives decode mode's log-likelihoods and greedy flags, with
+    exact lengths, with the buckets and with far more padding; and its prefill compiles one
+    program per bucket, not one per context length."""
+    import moejax
+    from moejax.eval.ppl import _ResidentSteps
+
+    path, task = tiny
+    m = moejax.load(path)
+    p = T.prepare(T.load_tasks(task)[0], m.tokenizer, 256)
+    cases = list(zip(p.contexts, p.continuations))
+    cases += [(p.contexts[0] * k, p.continuations[1]) for k in (2, 3, 5)]  # longer contexts: other buckets
+    for ctx, conts in cases:
+        decode = T.score_continuations(_ResidentSteps(m, 256), ctx, conts, prefix=1)
+        fast = T.score_continuations(_ResidentSteps(m, 256), ctx, conts, prefix=None)  # its cache: 256 positions
+        assert fast == T.score_prefilled(m, ctx, conts, cache_len=256)
+        for buckets in (T.bucket, lambda n, base=16: max(n, 1), lambda n, base=16: T.bucket(n, base) + 40)[:3 if len(ctx) < 30 else 1]:
+            got = T.score_prefilled(m, ctx, conts, buckets)
+            assert [g for _, g in got] == [g for _, g in decode]
+            assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in decode], abs=1e-5)
+    prefill = T._jits()[0]
+    before = prefill._cache_size()
+    lengths = range(3, 200, 11)
+    for n in lengths:
+        T.score_prefilled(m, (p.contexts[1] * 50)[:n], [[5], [6, 7]], cache_len=300)
+    assert prefill._cache_size() - before == len({T.bucket(n) for n in lengths})  # one cache length, 384, new here
+    assert [T.bucket(n) for n in (1, 16, 17, 33, 49, 65, 97, 129, 193, 300, 1000)] == [
+        16, 16, 32, 48, 64, 96, 128, 192, 256, 384, 1024]

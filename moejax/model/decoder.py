@@ -204,6 +204,11 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens, cache, pos):
         """tokens [B, T] int32, cache: tuple of (k, v) per layer, pos scalar -> logits [B, T, V], cache."""
+        x, cache = self.hidden(tokens, cache, pos)
+        return self.logits(x), cache
+
+    def hidden(self, tokens, cache, pos):
+        """__call__ without the final norm and LM head: -> residual stream [B, T, H], cache."""
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         cos, sin = self.rope(pos, T, B)
@@ -211,7 +216,7 @@ class Decoder(nnx.Module):
         for layer, kv in zip(self.layers, cache):
             x, kv = layer(x, kv, pos, cos, sin)
             new_cache.append(kv)
-        return self.logits(x), tuple(new_cache)
+        return x, tuple(new_cache)
 
 
 def empty_cache(cfg: MoEConfig, batch: int, length: int, dtype):
