@@ -7,10 +7,12 @@ times with the order rotating every round (so drift of a shared machine hits all
 ratio fused / resident is taken within each round, and its median and spread are reported.
 Then, to split the fused step: the compiled decode program called directly, the engine's
 `step`, and the resident model's bound decode step called directly (medians of blocks of 10
-steps, blocks interleaved). --before COMMIT also runs that commit's moejax/fused.py (loaded
-from git into a scratch module) side by side, for a before/after in the same run.
+steps, blocks interleaved; wall time and the calling thread's CPU time). --before COMMIT also
+runs that commit's moejax/fused.py (loaded from git into a scratch module) side by side, for a
+before/after in the same run.
 
-    python scripts/fused_overhead.py --batch 1,3 --rounds 15 --json docs/results/cpu_fused_overhead.json
+    python scripts/fused_overhead.py --batch 1,3 --rounds 20 --before 279dda1 \
+        --json docs/results/cpu_fused_overhead.json
 """
 from __future__ import annotations
 
@@ -48,17 +50,23 @@ def spread(values) -> dict:
             "max": round(float(v.max()), 3)}
 
 
-def direct_ms(fns: dict, blocks: int, block: int = 10) -> dict:
-    """{name: median ms of one synchronised call}: blocks of `block` calls, names rotating."""
+def direct_ms(fns: dict, blocks: int, block: int = 10) -> tuple[dict, dict]:
+    """({name: median wall ms of one synchronised call}, {name: median CPU ms of the calling
+    thread per call}): blocks of `block` calls, names rotating. The calling thread's CPU time
+    (Python, dispatch, argument and result buffers, the part of the program XLA runs on the
+    caller) hardly depends on what else the machine runs; wall time does."""
     ts = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     names = list(fns)
     for b in range(blocks):
         for k in names[b % len(names):] + names[:b % len(names)]:
             for i in range(block):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 np.array(fns[k](i))
                 ts[k].append(time.perf_counter() - t)
-    return {k: round(1e3 * statistics.median(v), 3) for k, v in ts.items()}
+                cpu[k].append(time.thread_time() - c)
+    med = lambda d: {k: round(1e3 * statistics.median(v), 3) for k, v in d.items()}  # noqa: E731
+    return med(ts), med(cpu)
 
 
 def main(argv=None) -> int:
@@ -155,10 +163,11 @@ def main(argv=None) -> int:
 
             fns[f"{name} step"] = step
             fns[f"{name} program"] = call
-        out["direct_ms"] = direct_ms(fns, blocks=4 * len(fns))
+        out["direct_ms"], out["direct_main_thread_cpu_ms"] = direct_ms(fns, blocks=4 * len(fns))
         rec["batches"][str(batch)] = out
         print(json.dumps({"batch": batch, "tpot_ms": {n: v["median"] for n, v in out["tpot_ms"].items()},
-                          "ratio_to_resident": out["ratio_to_resident"], "direct_ms": out["direct_ms"]}), flush=True)
+                          "ratio_to_resident": out["ratio_to_resident"], "direct_ms": out["direct_ms"],
+                          "direct_main_thread_cpu_ms": out["direct_main_thread_cpu_ms"]}), flush=True)
     rec["load_avg_end"] = os.getloadavg()
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
