@@ -79,8 +79,8 @@ def check(scheme: str, group: int, hidden: int, inter: int) -> None:
     if scheme == "int4":
         if group < 1 or any(d % group and d > group for d in (hidden, inter)):
             raise UnsupportedConfig(f"int4 group size {group} must be positive and divide each contraction dim of "
-                                    f"the experts it is not longer than: hidden {hidden} (gate, up) and "
-                                    f"intermediate {inter} (down)")
+                                    f"the experts longer than it: hidden {hidden} (gate, up), intermediate {inter} "
+                                    f"(down)")
         if hidden % 2:
             raise UnsupportedConfig(f"int4 packs pairs of rows: hidden size {hidden} must be even")
 

@@ -18,7 +18,8 @@
 // Shapes: x, acc [N, H] (f32 or bf16); stack [S, 3, H, I] (f32, bf16, or bf16 bits as u16):
 // gate [H, I], up [H, I], down stored [H, I]; or quantized experts (attribute bits 8 or 4) as
 // packed rows [S, B] uint8 in moejax.quant's layout, read in place (QExpert below: each scale
-// multiplies the float32 sum of its group of integer weights times activations). Rows are clamped to [0, S) as XLA clamps a dynamic slice.
+// multiplies the float32 sum of its group of integer weights times activations). Rows are
+// clamped to [0, S) as XLA clamps a dynamic slice.
 
 #include <algorithm>
 #include <atomic>
@@ -74,6 +75,21 @@ inline float ld(W v) {
   if constexpr (sizeof(W) == 2) return bf16_to_f32(v); else return v;
 }
 
+// sum_i w(i) * a[i] over i < n: 16 lane sums, the remainder, then the lanes added in order (an
+// order fixed by n alone). w(i): weight i as float32.
+template <typename F>
+inline float lane_dot(F w, const float* __restrict__ a, int64_t n) {
+  constexpr int LANES = 16;
+  float lane[LANES] = {0};
+  int64_t i = 0;
+  for (; i + LANES <= n; i += LANES)
+    for (int l = 0; l < LANES; ++l) lane[l] += w(i + l) * a[i + l];
+  float s = 0.0f;
+  for (; i < n; ++i) s += w(i) * a[i];
+  for (int l = 0; l < LANES; ++l) s += lane[l];
+  return s;
+}
+
 // Phase 1, rows [h0, h1) of gate and up for n tokens x [n][H] -> partial g, u [n][I].
 template <typename W>
 void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t H, int64_t I, int64_t h0, int64_t h1,
@@ -99,18 +115,10 @@ void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t 
 template <typename W, bool BF16>
 void down_part(const W* __restrict__ down, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ a,
                int n, float* __restrict__ y) {
-  constexpr int LANES = 16;
   for (int64_t h = h0; h < h1; ++h) {
     const W* __restrict__ dr = down + h * I;
     for (int t = 0; t < n; ++t) {
-      const float* __restrict__ at = a + t * I;
-      float lane[LANES] = {0};
-      int64_t i = 0;
-      for (; i + LANES <= I; i += LANES)
-        for (int l = 0; l < LANES; ++l) lane[l] += ld(dr[i + l]) * at[i + l];
-      float s = 0.0f;
-      for (; i < I; ++i) s += ld(dr[i]) * at[i];
-      for (int l = 0; l < LANES; ++l) s += lane[l];
+      const float s = lane_dot([&](int64_t i) { return ld(dr[i]); }, a + t * I, I);
       y[t * H + h] = BF16 ? round_bf16(s) : s;
     }
   }
@@ -203,7 +211,6 @@ struct QExpert {
   // Phase 2, rows [h0, h1) of down: y[t][h] = sum over column groups of scale * (q . a[t]).
   template <bool BF16>
   void down(int64_t h0, int64_t h1, const float* __restrict__ a, int n, float* __restrict__ y) const {
-    constexpr int LANES = 16;
     const int64_t G = I / q.gI, base = 2 * (H / q.gH) * I;
     for (int64_t h = h0; h < h1; ++h) {
       int kind;
@@ -213,14 +220,8 @@ struct QExpert {
           float s = 0.0f;
           for (int64_t gi = 0; gi < G; ++gi) {
             const int8_t* rg = r + gi * q.gI;
-            const float* ag = a + t * I + gi * q.gI;
-            float lane[LANES] = {0};
-            int64_t i = 0;
-            for (; i + LANES <= q.gI; i += LANES)
-              for (int l = 0; l < LANES; ++l) lane[l] += qv<decltype(K)::value>(rg, i + l) * ag[i + l];
-            float d = 0.0f;
-            for (; i < q.gI; ++i) d += qv<decltype(K)::value>(rg, i) * ag[i];
-            for (int l = 0; l < LANES; ++l) d += lane[l];
+            const float d =
+                lane_dot([&](int64_t i) { return qv<decltype(K)::value>(rg, i); }, a + t * I + gi * q.gI, q.gI);
             s += scale(base + h * G + gi) * d;
           }
           y[t * H + h] = BF16 ? round_bf16(s) : s;
@@ -518,20 +519,10 @@ template <typename W>
 void linear_rows(Linear& L, int64_t q) {  // w stored [O, H]: outputs [o0, o1), a dot product each
   const W* w = static_cast<const W*>(L.w);
   const int64_t o0 = q * L.block, o1 = std::min(L.O, o0 + L.block);
-  constexpr int LANES = 16;
   for (int64_t o = o0; o < o1; ++o) {
     const W* __restrict__ wr = w + o * L.H;
-    for (int64_t t = 0; t < L.N; ++t) {
-      const float* __restrict__ x = L.x + t * L.H;
-      float lane[LANES] = {0};
-      int64_t h = 0;
-      for (; h + LANES <= L.H; h += LANES)
-        for (int l = 0; l < LANES; ++l) lane[l] += ld(wr[h + l]) * x[h + l];
-      float s = 0.0f;
-      for (; h < L.H; ++h) s += ld(wr[h]) * x[h];
-      for (int l = 0; l < LANES; ++l) s += lane[l];
-      L.y[t * L.O + o] = s;
-    }
+    for (int64_t t = 0; t < L.N; ++t)
+      L.y[t * L.O + o] = lane_dot([&](int64_t h) { return ld(wr[h]); }, L.x + t * L.H, L.H);
   }
 }
 
