@@ -85,14 +85,13 @@ def _finish_prefill(x, dense, acc):
 
 @partial(jax.jit, static_argnums=(4, 5))
 def _head(module_logits_args, x, last, key, temperature, top_p):
-    """Logits of every position (as the resident model computes them), then position `last`
-    -> (next token [B], logits [B, V])."""
+    """x [B, T, H] -> (next token [B], logits [B, V]) of position `last` (the final norm and LM head
+    of that position only, as the resident model computes them)."""
     from moejax.generate import sample
 
     embed, final_norm, lm_head, eps = module_logits_args
-    hidden = L.rms_norm(x, final_norm, eps)
-    logits = L.lm_head(hidden, embed, lm_head)  # [B, T, V]
-    logits = jax.lax.dynamic_index_in_dim(logits, last, axis=1, keepdims=False)
+    x = jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False)  # [B, H]
+    logits = L.lm_head(L.rms_norm(x, final_norm, eps), embed, lm_head)  # [B, V]
     return sample(logits, key, temperature, top_p), logits
 
 

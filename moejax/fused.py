@@ -298,7 +298,7 @@ class FusedEngine(OffloadedGeneration):
             valid = jnp.broadcast_to(jnp.arange(Tp) < T, (B, Tp)).reshape(-1)  # [N]
             state = self._packer.unpack(state)
             module, x, pool, kv, state = self._run_layers(params, stacks, pool, kv, state, x, jnp.int32(0), valid)
-            logits = jax.lax.dynamic_index_in_dim(module.logits(x), T - 1, axis=1, keepdims=False)  # [B, V]
+            logits = module.logits(jax.lax.dynamic_index_in_dim(x, T - 1, axis=1, keepdims=False))  # [B, V]
             return sample(logits, key, temperature, top_p), logits, pool, kv, self._packer.pack(state)
         return prefill
 

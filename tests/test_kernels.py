@@ -83,6 +83,30 @@ def test_linear_matches_jnp(dt, N, H, O):
     np.testing.assert_allclose(f32(tied), f32(ref), atol=tol(dt, ref))
 
 
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+def test_a_token_gets_the_same_bits_alone_or_among_others(dt):
+    """Several tokens go through register tiles (4 tokens x 24 columns, 2 x 2 dot products), one
+    token through the plain loops: the same sums in the same order, so every row of a 9-token
+    call (tiles and remainders) equals the row computed alone, bit for bit: linear layers (both
+    layouts) and routed experts (prefill's ordered call)."""
+    rng = np.random.default_rng(7)
+    N, H, O, I, S, k = 9, 70, 100, 36, 6, 3
+    x = jnp.asarray(rng.standard_normal((N, H)), dt)
+    w = jnp.asarray(rng.standard_normal((H, O)) / np.sqrt(H), dt)
+    for f in (jax.jit(linear), jax.jit(lambda x, e: linear(x, e.T, transposed=True))):
+        many = f32(f(x, w))
+        assert all(np.array_equal(many[n], f32(f(x[n:n + 1], w))[0]) for n in range(N))
+    _, stack, _, _ = data(dt, N, H, I, S, k, seed=8)
+    idx = jnp.asarray(np.stack([rng.permutation(S)[:k] for _ in range(N)]), jnp.int32)
+    wts = jnp.asarray(rng.random((N, k)), jnp.float32)
+    rows, acc = jnp.arange(S, dtype=jnp.int32), jnp.asarray(rng.standard_normal((N, H)), dt)
+    ordered = jax.jit(moe.experts_ordered)
+    many = f32(ordered(x, stack, rows, rows, jnp.ones(S, bool), idx, wts, acc)[0])
+    for n in range(N):
+        one = ordered(x[n:n + 1], stack, rows, rows, jnp.ones(S, bool), idx[n:n + 1], wts[n:n + 1], acc[n:n + 1])[0]
+        assert np.array_equal(many[n], f32(one)[0])
+
+
 @pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 16)])
 @pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("N,H,I", [(1, 64, 48), (3, 320, 32), (2, 32, 288)])  # H > 256: row parts

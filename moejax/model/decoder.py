@@ -15,6 +15,8 @@ ragged batches).
 
 from __future__ import annotations
 
+from functools import cache
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -221,11 +223,18 @@ class Decoder(nnx.Module):
 
 def empty_cache(cfg: MoEConfig, batch: int, length: int, dtype):
     """Zeros, committed to the device like every jit output, so that a fresh cache and one
-    returned by a step hit the same compiled program."""
-    dev = jax.devices()[0]
-    return tuple(tuple(jax.device_put(jnp.zeros((batch, length, *s), kv_storage(dtype)), dev)
-                       for s in cfg.kv_cache_shapes)
-                 for _ in range(cfg.num_layers))
+    returned by a step hit the same compiled program. One dispatch: a device_put per buffer
+    cost 5-8 ms on the bundled model's 12 buffers, a third of its time to first token."""
+    shapes = tuple((batch, length, *s) for s in cfg.kv_cache_shapes)
+    return _zeros_cache(jax.devices()[0])(shapes, cfg.num_layers, jnp.dtype(kv_storage(dtype)))
+
+
+@cache
+def _zeros_cache(device):
+    def zeros(shapes, layers: int, dtype):
+        return tuple(tuple(jnp.zeros(s, dtype) for s in shapes) for _ in range(layers))
+
+    return jax.jit(zeros, static_argnums=(0, 1, 2), out_shardings=jax.sharding.SingleDeviceSharding(device))
 
 
 def cache_bytes(cfg: MoEConfig, batch: int, length: int, itemsize: int) -> int:
