@@ -7,11 +7,12 @@ import os
 import re
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import checkpoint
+from moejax import checkpoint, kernels
 from moejax.checkpoint import DTYPES
 from moejax.config import MoEConfig
 from moejax.errors import CheckpointError
@@ -32,6 +33,7 @@ class Model:
         self.path = path
         self.module = Decoder(config, glob, layers)
         self.graphdef, self.state = nnx.split(self.module)
+        kernels.huge_pages(jax.tree.leaves(self.state))
         self._tokenizer = None
 
     @property

@@ -169,3 +169,14 @@ def test_gpu_lowering_keeps_the_jnp_path():
     text = {p: jax.jit(f).trace(x, stack, ids, w).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda")}
     assert "moejax_experts_decode" in text["cpu"] and "moejax_linear" in text["cpu"]
     assert "moejax_" not in text["cuda"] and "dynamic_slice" in text["cuda"]
+
+
+def test_huge_pages_keep_the_weights():
+    """madvise(MADV_COLLAPSE) on a weight's buffer: whole 2 MiB pages inside it at most, the
+    values unchanged, tiny arrays left alone."""
+    a = jnp.asarray(np.random.default_rng(9).standard_normal(3 << 20), jnp.float32)  # 12 MiB
+    before = np.array(a)
+    done = kernels.huge_pages([a, jnp.ones(8)])
+    assert done % (2 << 20) == 0 and done <= a.nbytes
+    assert np.array_equal(np.asarray(a), before)
+    assert kernels.huge_pages([jnp.ones(8)]) == 0
