@@ -13,9 +13,9 @@ novels, five KJV books), random windows of `--seq-len`, corpora in turn. Held-ou
 is the build's: Macbeth, Persuasion and Luke, the same 512-token windows
 (`corpus_windows(..., 16384, 6144, seed 0)`), geometric mean of the three.
 
-  python scripts/distill_smollm2.py checkpoints/smollm2-moe-distilled --steps 300 \
-      --json docs/results/smollm2_distill.json
-  (stop it any time; the same command resumes from --run-dir)
+  python scripts/distill_smollm2.py checkpoints/smollm2-moe-distilled --steps 150 --batch 1 --accum 2 \
+      --lr 2e-4 --warmup 10 --json docs/results/smollm2_distill.json
+  (stop it any time; the same command resumes from --run-dir; docs/accuracy.md has the numbers)
 
 Each optimizer step accumulates `--accum` micro-batches; between micro-batches the loop waits
 while /tmp/moejax_quiet exists (another user's timing run), doing no work.
