@@ -437,14 +437,17 @@ int64_t min_parallel_bytes() {
 }
 
 // Run `tasks` tasks of `work` (which takes them from a counter and counts them in `done`) on
-// the caller and up to `threads - 1` pool threads. Late pool tasks find nothing left to do; the
+// the caller and up to `threads - 1` pool threads: the calling thread is XLA's, outside the pool,
+// so it and all the pool's threads would be one more thread than XLA sizes the pool for (the
+// cores); on 2 cores one helper was 6% faster than two on the 266M model's decode step and 21%
+// on the bundled model's (docs/benchmarks.md). Late pool tasks find nothing left to do; the
 // caller waits only for tasks that were taken: it spins briefly (a task takes microseconds),
 // then yields, so that on a loaded machine a descheduled pool thread gets the core back
 // instead of the caller spinning through its time slice.
 template <typename J, typename F>
 void parallel(ffi::ThreadPool& pool, const std::shared_ptr<J>& job, int64_t tasks, bool wide, F work,
               const std::atomic<int64_t>& done) {
-  const int64_t helpers = wide ? std::min<int64_t>(pool.num_threads(), tasks - 1) : 0;
+  const int64_t helpers = wide ? std::max<int64_t>(0, std::min<int64_t>(pool.num_threads() - 1, tasks - 1)) : 0;
   for (int64_t k = 0; k < helpers; ++k) pool.Schedule([job, work] { work(job); });
   work(job);
   for (int spins = 0; done.load(std::memory_order_acquire) < tasks; ++spins)
