@@ -17,7 +17,7 @@ import pytest
 
 from moejax import kernels
 from moejax.model import moe
-from moejax.model.layers import linear, swiglu
+from moejax.model.layers import _attend, attend, linear, swiglu
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the CPU kernels")
 
@@ -81,6 +81,28 @@ def test_linear_matches_jnp(dt, N, H, O):
     np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
     tied = jax.jit(lambda x, e: linear(x, e, transposed=True))(x, w.T)  # a tied embedding [V, H]
     np.testing.assert_allclose(f32(tied), f32(ref), atol=tol(dt, ref))
+
+
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,Q,K,S,D,pos", [(1, 12, 4, 128, 64, 40), (2, 4, 2, 16, 8, 15), (1, 4, 4, 32, 16, 0),
+                                           (3, 8, 2, 64, 32, 100), (1, 6, 3, 300, 24, 299)])
+def test_decode_attention_matches_jnp(dt, B, Q, K, S, D, pos):
+    """One query token over the cache (pos 0, the last slot, and past the end: all visible); cache
+    slots after pos hold huge values that must not leak in. bfloat16 caches also as their bits."""
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((B, 1, Q, D)), dt)
+    k, v = (rng.standard_normal((B, S, K, D)) for _ in range(2))
+    k[:, pos + 1:], v[:, pos + 1:] = 1e4, -1e4
+    k, v = jnp.asarray(k, dt), jnp.asarray(v, dt)
+    p = jnp.asarray([pos], jnp.int32)
+    assert "moejax_attend_decode" in jax.jit(attend).lower(q, k, v, p).compile().as_text()
+    ref = jax.jit(_attend)(q, k, v, p)
+    got = jax.jit(attend)(q, k, v, p)
+    assert got.dtype == ref.dtype and got.shape == ref.shape == (B, 1, Q * D)
+    np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
+    if dt == jnp.bfloat16:
+        bits = [jax.lax.bitcast_convert_type(c, jnp.uint16) for c in (k, v)]
+        assert np.array_equal(f32(jax.jit(attend)(q, *bits, p)), f32(got))
 
 
 @pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])

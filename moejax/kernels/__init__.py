@@ -21,7 +21,8 @@ from pathlib import Path
 SOURCE = Path(__file__).with_name("cpu_experts.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 TARGETS = {"moejax_experts_decode": "MoejaxExpertsDecode", "moejax_experts_ordered": "MoejaxExpertsOrdered",
-           "moejax_linear": "MoejaxLinear", "moejax_linear_t": "MoejaxLinearT"}
+           "moejax_linear": "MoejaxLinear", "moejax_linear_t": "MoejaxLinearT",
+           "moejax_attend_decode": "MoejaxAttendDecode"}
 
 _state: dict = {}
 

@@ -713,6 +713,84 @@ ffi::Error LinearOH(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
   return LinearImpl<true>(pool, x, w, out);
 }
 
+// ---- decode attention: one query token per row over a static-size KV cache -------------------
+// moejax.model.layers.attend for T = 1 in one call, where XLA:CPU ran ~14 thunks per layer
+// (layout copies of the cache, two dots, the softmax's reductions), each with its fixed cost.
+// The same arithmetic as the jnp formulation: scores q . k summed in float32 and rounded to the
+// activation dtype (the einsum's output), times scale in float32; keys past the query's position
+// are left out (the jnp softmax gives them exactly zero weight); softmax in float32
+// (max, exp(x - max), their sum, division); probabilities rounded to the activation dtype;
+// out = probs . v summed in float32 and rounded. Only the summation order differs from XLA's
+// dots, so the result differs from the jnp formulation by rounding; every path (resident and
+// both engines) decodes through this function, so they agree exactly.
+
+struct Attend {
+  const void *q, *k, *v;  // q [B, Q, D]; k, v [B, S, K, D]
+  int64_t B, Q, K, S, D, last;  // last: the query's position, clamped to S - 1
+  float scale;
+  void* out;  // [B, Q * D]
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+template <typename T, bool BF16>
+void attend_row(Attend& A, int64_t row) {  // row = b * Q + head
+  const int64_t b = row / A.Q, h = row % A.Q, kh = h / (A.Q / A.K), D = A.D, n = A.last + 1;
+  const T* q = static_cast<const T*>(A.q) + row * D;
+  float qf[512];
+  for (int64_t d = 0; d < D; ++d) qf[d] = ld(q[d]);
+  std::vector<float> p(n);
+  float m = -INFINITY;
+  for (int64_t s = 0; s < n; ++s) {
+    const T* k = static_cast<const T*>(A.k) + ((b * A.S + s) * A.K + kh) * D;
+    const float acc = lane_dot([&](int64_t d) { return ld(k[d]); }, qf, D);
+    p[s] = (BF16 ? round_bf16(acc) : acc) * A.scale;
+    m = std::max(m, p[s]);
+  }
+  float sum = 0.0f;
+  for (int64_t s = 0; s < n; ++s) sum += (p[s] = std::exp(p[s] - m));
+  float o[512] = {0};
+  for (int64_t s = 0; s < n; ++s) {
+    const float w = BF16 ? round_bf16(p[s] / sum) : p[s] / sum;
+    const T* v = static_cast<const T*>(A.v) + ((b * A.S + s) * A.K + kh) * D;
+    for (int64_t d = 0; d < D; ++d) o[d] += w * ld(v[d]);
+  }
+  T* out = static_cast<T*>(A.out) + row * D;
+  for (int64_t d = 0; d < D; ++d) {
+    if constexpr (BF16) out[d] = f32_to_bf16(o[d]); else out[d] = o[d];
+  }
+}
+
+template <typename T, bool BF16>
+void attend_work(const std::shared_ptr<Attend>& A) {
+  for (int64_t r; (r = A->next.fetch_add(1)) < A->B * A->Q;) {
+    attend_row<T, BF16>(*A, r);
+    A->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error AttendDecode(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::Buffer<ffi::S32> pos, ffi::Result<ffi::AnyBuffer> out, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || vd.size() != 4 || !std::equal(kd.begin(), kd.end(), vd.begin()) ||
+      kd[0] != qd[0] || kd[3] != qd[2] ||
+      qd[2] > 512 || kd[2] == 0 || qd[1] % kd[2] != 0 || pos.element_count() != 1)
+    return ffi::Error::InvalidArgument("moejax attend: q [B, Q, D], k and v [B, S, K, D] (D <= 512), one position");
+  const auto t = q.element_type();
+  const bool bf16 = t == ffi::DataType::BF16;
+  const auto kt = bf16 && k.element_type() == ffi::DataType::U16 ? t : k.element_type();  // bf16 bits
+  if ((!bf16 && t != ffi::DataType::F32) || kt != t || v.element_type() != k.element_type())
+    return ffi::Error::InvalidArgument("moejax attend: q, k and v must all be float32 or all bfloat16");
+  auto A = std::make_shared<Attend>();
+  A->q = q.untyped_data(), A->k = k.untyped_data(), A->v = v.untyped_data(), A->out = out->untyped_data();
+  A->B = qd[0], A->Q = qd[1], A->D = qd[2], A->S = kd[1], A->K = kd[2], A->scale = scale;
+  A->last = std::min<int64_t>(std::max<int32_t>(pos.typed_data()[0], 0), A->S - 1);
+  const int64_t rows = A->B * A->Q;
+  const bool wide = rows * (A->last + 1) * A->D * 2 * (bf16 ? 2 : 4) >= min_parallel_bytes();
+  if (bf16) parallel(pool, A, rows, wide, attend_work<uint16_t, true>, A->done);
+  else parallel(pool, A, rows, wide, attend_work<float, false>, A->done);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxLinear, LinearHO,
@@ -750,3 +828,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxExpertsOrdered, Ordered,
                                   .Attr<int64_t>("group_h")
                                   .Attr<int64_t>("group_i")
                                   .Attr<int64_t>("inter"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxAttendDecode, AttendDecode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("scale"));

@@ -80,7 +80,7 @@ class DecoderLayer(nnx.Module):
         k_cache, v_cache = kv
         k_cache = _write(k_cache, k, pos)
         v_cache = _write(v_cache, v, pos)
-        out = L.linear(L.attend(q, _kv(k_cache), _kv(v_cache), pos + jnp.arange(T)), self.wo[...])  # [B, T, H]
+        out = L.linear(L.attend(q, k_cache, v_cache, pos + jnp.arange(T)), self.wo[...])  # [B, T, H]
         if cfg.o_bias:
             out = out + self.bo[...]
         return out, (k_cache, v_cache)
