@@ -184,12 +184,14 @@ def test_turned_off_uses_jnp():
 
 
 def test_gpu_lowering_keeps_the_jnp_path():
-    """The kernels are CPU custom calls: a program lowered for CUDA computes experts and linear
-    layers as before (dynamic slices and dots), so the GPU path does not change."""
+    """The kernels are CPU custom calls: a program lowered for CUDA computes experts, linear
+    layers and attention as before (dynamic slices and dots), so the GPU path does not change."""
     x, stack, ids, w = data(jnp.float32, 1, 8, 4, 3, 2)
-    f = lambda x, s, i, w: moe.experts_indexed(x, s, i, w) + linear(x, jnp.ones((8, 8)))  # noqa: E731
+    kv, pos = jnp.ones((1, 5, 2, 4)), jnp.zeros(1, jnp.int32)  # attention: x as 2 heads of 4, one token
+    f = lambda x, s, i, w: (moe.experts_indexed(x, s, i, w) + linear(x, jnp.ones((8, 8)))  # noqa: E731
+                            + attend(x.reshape(1, 1, 2, 4), kv, kv, pos).reshape(1, 8))
     text = {p: jax.jit(f).trace(x, stack, ids, w).lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda")}
-    assert "moejax_experts_decode" in text["cpu"] and "moejax_linear" in text["cpu"]
+    assert all(f"moejax_{k}" in text["cpu"] for k in ("experts_decode", "linear", "attend_decode"))
     assert "moejax_" not in text["cuda"] and "dynamic_slice" in text["cuda"]
 
 
