@@ -71,8 +71,9 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     p = kp[1]
                     if p == "resident":
                         g = resident.generate(prompt, new_tokens, warmup=trial == 0)
-                        stats = {"hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "bytes_h2d_prefill": 0,
-                                 "transfers": 0, "prefetch_precision": float("nan"), "sched_us_median": 0.0}
+                        stats = {"hit_rate": 1.0, "substitution_rate": 0.0, "skip_rate": 0.0, "bytes_h2d": 0,
+                                 "bytes_h2d_prefill": 0, "transfers": 0, "prefetch_precision": float("nan"),
+                                 "sched_us_median": 0.0}
                     else:
                         e = built[kp]
                         e.reset()
@@ -96,6 +97,7 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     "ttft_ms": statistics.median(1e3 * g.ttft_s for g in gens),
                     "compile_s": gens[0].warmup_s,  # the first trial's warm-up compiles every stage
                     "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
+                    "skip_rate": stats["skip_rate"],
                     "bytes_h2d_per_token": stats["bytes_h2d"] / steps if steps else 0.0,
                     "bytes_h2d_prefill": stats["bytes_h2d_prefill"],
                     "prefetch_precision": stats["prefetch_precision"],

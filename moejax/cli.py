@@ -285,8 +285,8 @@ def cmd_decode(args) -> None:
         import moejax
 
         g = moejax.load(path).generate(np.array([prompt]), args.max_new_tokens, **kw)
-        stats = {"hit_rate": 1.0, "substitution_rate": 0.0, "bytes_h2d": 0, "bytes_h2d_prefill": 0, "transfers": 0,
-                 "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "peak_device_bytes": plan.budget_bytes}
+        stats = {"hit_rate": 1.0, "substitution_rate": 0.0, "skip_rate": 0.0, "bytes_h2d": 0, "bytes_h2d_prefill": 0,
+                 "transfers": 0, "ttft_ms": 1e3 * g.ttft_s, "tpot_ms": g.tpot_ms, "peak_device_bytes": plan.budget_bytes}
     else:
         g = engine.generate(np.array([prompt]), args.max_new_tokens, **kw)
         stats = engine.telemetry.summary()

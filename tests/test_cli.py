@@ -183,6 +183,7 @@ def test_bench_emulated_link_labelled(tiny_dir, tmp_path, capsys, monkeypatch):
     recs = json.loads(out.read_text())["records"]
     assert all(r["link"] == "emulated link: 0.05 GB/s, 10 us latency" for r in recs)
     assert all(r["engine"] == "stepwise" and r["compile_s"] > 0 for r in recs)  # an emulated link runs stepwise
+    assert all(r["skip_rate"] == 0.0 for r in recs)  # reported (docs/accuracy.md); window mode drops nothing
     cap = capsys.readouterr()
     assert "emulated link" in cap.err and "| lru | stepwise |" in cap.out
     assert main(["bench", "--model", str(tiny_dir), "--link", "emulated:fast", "--json", str(out)]) == 2
