@@ -85,7 +85,7 @@ def test_linear_matches_jnp(dt, N, H, O):
 
 @pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("B,Q,K,S,D,pos", [(1, 12, 4, 128, 64, 40), (2, 4, 2, 16, 8, 15), (1, 4, 4, 32, 16, 0),
-                                           (3, 8, 2, 64, 32, 100), (1, 6, 3, 300, 24, 299)])
+                                           (3, 8, 2, 64, 32, 100), (1, 6, 3, 300, 24, 299), (2, 4, 2, 16, 8, 40)])
 def test_decode_attention_matches_jnp(dt, B, Q, K, S, D, pos):
     """One query token over the cache (pos 0, the last slot, and past the end: all visible); cache
     slots after pos hold huge values that must not leak in. bfloat16 caches also as their bits."""

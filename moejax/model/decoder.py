@@ -104,7 +104,7 @@ class DecoderLayer(nnx.Module):
         c_cache = _write(c_cache, latent[:, :, None, :], pos)
         r_cache = _write(r_cache, k_rope, pos)
         w_kv = self.wkv_b[...].reshape(R, cfg.num_heads, Dn + cfg.v_head_dim)
-        out = L.attend_latent(q_nope, q_rope, _kv(c_cache)[:, :, 0], _kv(r_cache)[:, :, 0], w_kv, pos + jnp.arange(T),
+        out = L.attend_latent(q_nope, q_rope, L.kv_view(c_cache)[:, :, 0], L.kv_view(r_cache)[:, :, 0], w_kv, pos + jnp.arange(T),
                               cfg.softmax_scale)
         return L.linear(out, self.wo[...]), (c_cache, r_cache)
 
@@ -159,20 +159,10 @@ def kv_storage(dtype):
     return jnp.uint16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
-def _kv_dtype(cache):
-    """The compute dtype of a cache held in kv_storage(dtype)."""
-    return jnp.dtype(jnp.bfloat16) if cache.dtype == jnp.uint16 else cache.dtype
-
-
-def _kv(cache):
-    """A cache [B, S, K, D] in its compute dtype (a bitcast, no arithmetic)."""
-    return lax.bitcast_convert_type(cache, jnp.bfloat16) if cache.dtype == jnp.uint16 else cache
-
-
 def _write(cache, new, pos):
     """Write new [B, T, K, D] (any float dtype: rounded to the cache's) into cache
     [B, S, K, D] at sequence position pos."""
-    new = new.astype(_kv_dtype(cache))
+    new = new.astype(L.kv_dtype(cache))
     if cache.dtype == jnp.uint16:
         new = lax.bitcast_convert_type(new, jnp.uint16)
     zero = jnp.zeros((), jnp.int32)

@@ -59,6 +59,16 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def kv_dtype(cache):
+    """The compute dtype of a KV cache: bfloat16 caches are held as their uint16 bits."""
+    return jnp.dtype(jnp.bfloat16) if cache.dtype == jnp.uint16 else cache.dtype
+
+
+def kv_view(cache):
+    """A cache [B, S, K, D] in its compute dtype (a bitcast, no arithmetic)."""
+    return jax.lax.bitcast_convert_type(cache, jnp.bfloat16) if cache.dtype == jnp.uint16 else cache
+
+
 def attend(q, k_cache, v_cache, q_pos):
     """Causal grouped-query attention over a static-size cache.
 
@@ -70,8 +80,8 @@ def attend(q, k_cache, v_cache, q_pos):
     from moejax import kernels
 
     B, T, Q, D = q.shape
-    kv_dtype = jnp.bfloat16 if k_cache.dtype == jnp.uint16 else k_cache.dtype  # bf16 caches: their bits
-    if T == 1 and D <= 512 and q.dtype == kv_dtype and v_cache.dtype == k_cache.dtype and kernels.usable(q, k_cache):
+    if T == 1 and D <= 512 and q.dtype == kv_dtype(k_cache) and v_cache.dtype == k_cache.dtype and \
+            kernels.usable(q, k_cache):
         # Decode on the CPU: one kernel call (moejax.kernels) where XLA:CPU ran ~12 thunks per
         # layer, each with its fixed cost (266M model: 348 -> 252 thunks per step). Given the
         # cache's bits, not a bitcast of them: through the bitcast XLA copied every cache first.
@@ -85,8 +95,7 @@ def attend(q, k_cache, v_cache, q_pos):
 
 
 def _attend(q, k_cache, v_cache, q_pos):
-    if k_cache.dtype == jnp.uint16:
-        k_cache, v_cache = (jax.lax.bitcast_convert_type(c, jnp.bfloat16) for c in (k_cache, v_cache))
+    k_cache, v_cache = kv_view(k_cache), kv_view(v_cache)
     B, T, Q, D = q.shape
     K = k_cache.shape[2]
     qg = q.reshape(B, T, K, Q // K, D)  # [B, T, K, G, D]
