@@ -23,11 +23,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -65,12 +69,20 @@ struct Contribution {
   float weight;
 };
 
-// Rows per part: an expert's gate and up (and down) matrices are split into blocks of kRows
+// Rows per part: an expert's gate and up (and down) matrices are split into `parts` blocks of
 // consecutive rows of H, so that one token's few experts, or a shared expert alone, still give
 // every thread work, and each task streams contiguous memory. Fixed by the shapes, not by the
 // thread count, so the summation order (gate and up: the parts' partial sums added in ascending
-// order) never depends on the machine.
+// order) never depends on the machine. At least two parts of equal size (a multiple of `align`:
+// 8, or a quantized expert's scale group), at most kRows rows each: H = 192 gives 2 x 96 (was
+// one part of 192, so a shared expert alone ran on one thread), H = 768 3 x 256.
 constexpr int64_t kRows = 256;
+
+inline int64_t part_rows(int64_t H, int64_t most, int64_t align) {
+  const int64_t parts = std::max<int64_t>(2, (H + most - 1) / most);
+  const int64_t rows = (H + parts - 1) / parts;
+  return std::max<int64_t>(align, (rows + align - 1) / align * align);
+}
 // Tokens per group: a task reads its block of weights once for all of them.
 constexpr int64_t kChunk = 16;
 
@@ -360,7 +372,7 @@ struct QExpert {
 // tokens; phase 1 runs a task per (group, row part), phase 2 likewise.
 struct Job {
   const void* stack;
-  int64_t H, I, parts;
+  int64_t H, I, parts, rows;            // rows of H per part
   Quant q;                             // q.bits 0: stack [S, 3, H, I] of W
   int64_t row_bytes;                   // bytes of one expert in the stack
   const float* x;  // [N, H] float32
@@ -380,7 +392,7 @@ void run_task(Job& job, int64_t task) {
   const int64_t b = job.group_begin[grp], e = job.group_begin[grp + 1];
   const int n = int(e - b);
   const int64_t H = job.H, I = job.I, P = int64_t(job.list.size());
-  const int64_t h0 = part * kRows, h1 = std::min(H, h0 + kRows);
+  const int64_t h0 = part * job.rows, h1 = std::min(H, h0 + job.rows);
   const uint8_t* ex = static_cast<const uint8_t*>(job.stack) + int64_t(job.list[job.order[b]].row) * job.row_bytes;
   const W* w = reinterpret_cast<const W*>(ex);
   if (PHASE == 1) {
@@ -429,29 +441,109 @@ void work(const std::shared_ptr<Job>& job) {
 }
 
 int64_t min_parallel_bytes() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("MOEJAX_KERNEL_PARALLEL_BYTES");
-    return e ? std::atoll(e) : int64_t(256) << 10;
-  }();
-  return v;
+  const char* e = std::getenv("MOEJAX_KERNEL_PARALLEL_BYTES");
+  return e ? std::atoll(e) : int64_t(16) << 10;
+}
+
+// Helper threads of the kernels' own that spin between calls. A decode step makes ~50 kernel
+// calls a few microseconds to tens of microseconds apart; a pool thread woken for each one
+// (a futex wake, on a VM an idle vCPU's halt exit) arrives late, after the caller has done
+// most of the tasks. These threads instead watch a sequence number for MOEJAX_KERNEL_SPIN_US
+// (default 200) after their last job, yielding the core between checks, then sleep until the
+// next call. One caller at a time uses them (XLA may run two independent kernel calls at once);
+// another finds them busy and uses XLA's pool instead.
+class Team {
+ public:
+  explicit Team(int n) {
+    const char* e = std::getenv("MOEJAX_KERNEL_SPIN_US");
+    spin_ = std::chrono::microseconds(e ? std::atoll(e) : 200);
+    for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
+    size_ = n;
+  }
+  int size() const { return size_; }
+  // Runs f on every helper unless another caller holds them: then false.
+  bool start(std::function<void()> f) {
+    if (busy_.exchange(true, std::memory_order_acquire)) return false;
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      fn_ = std::move(f);
+      seq_.fetch_add(1, std::memory_order_release);
+      if (sleeping_) cv_.notify_all();
+    }
+    return true;
+  }
+  void finish() { busy_.store(false, std::memory_order_release); }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      for (int i = 1; seq_.load(std::memory_order_acquire) == seen; ++i) {
+        if (i % 64 == 0) {
+          std::this_thread::yield();
+          if (std::chrono::steady_clock::now() - t0 > spin_) {
+            std::unique_lock<std::mutex> lock(m_);
+            ++sleeping_;
+            cv_.wait(lock, [&] { return seq_.load(std::memory_order_relaxed) != seen; });
+            --sleeping_;
+          }
+        }
+#if defined(__AVX2__)
+        _mm_pause();
+#endif
+      }
+      std::function<void()> f;
+      {
+        std::lock_guard<std::mutex> lock(m_);
+        f = fn_;
+        seen = seq_.load(std::memory_order_relaxed);
+      }
+      f();
+    }
+  }
+  std::mutex m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<bool> busy_{false};
+  std::function<void()> fn_;
+  int sleeping_ = 0, size_ = 0;
+  std::chrono::microseconds spin_;
+};
+
+bool use_team() {
+  const char* e = std::getenv("MOEJAX_KERNEL_TEAM");
+  return !e || e[0] != '0';
+}
+
+Team& team(int helpers) {
+  static Team* t = new Team(helpers);  // never destroyed: its threads outlive static destructors
+  return *t;
 }
 
 // Run `tasks` tasks of `work` (which takes them from a counter and counts them in `done`) on
-// the caller and up to `threads - 1` pool threads: the calling thread is XLA's, outside the pool,
+// the caller and up to `threads - 1` helpers: the calling thread is XLA's, outside the pool,
 // so it and all the pool's threads would be one more thread than XLA sizes the pool for (the
 // cores); on 2 cores one helper was 6% faster than two on the 266M model's decode step and 21%
-// on the bundled model's (docs/benchmarks.md). Late pool tasks find nothing left to do; the
+// on the bundled model's (docs/benchmarks.md). Late helpers find nothing left to do; the
 // caller waits only for tasks that were taken: it spins briefly (a task takes microseconds),
-// then yields, so that on a loaded machine a descheduled pool thread gets the core back
+// then yields, so that on a loaded machine a descheduled helper gets the core back
 // instead of the caller spinning through its time slice.
 template <typename J, typename F>
 void parallel(ffi::ThreadPool& pool, const std::shared_ptr<J>& job, int64_t tasks, bool wide, F work,
               const std::atomic<int64_t>& done) {
   const int64_t helpers = wide ? std::max<int64_t>(0, std::min<int64_t>(pool.num_threads() - 1, tasks - 1)) : 0;
-  for (int64_t k = 0; k < helpers; ++k) pool.Schedule([job, work] { work(job); });
+  bool teamed = false;
+  if (helpers > 0 && use_team()) {
+    Team& t = team(std::max<int64_t>(1, pool.num_threads() - 1));
+    teamed = t.start([job, work] { work(job); });
+  }
+  if (!teamed)
+    for (int64_t k = 0; k < helpers; ++k) pool.Schedule([job, work] { work(job); });
   work(job);
   for (int spins = 0; done.load(std::memory_order_acquire) < tasks; ++spins)
     if (spins >= 4096) std::this_thread::yield();
+  if (teamed) team(0).finish();
 }
 
 template <typename W, bool BF16, bool Q = false>
@@ -484,7 +576,9 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, con
 
   auto job = std::make_shared<Job>();
   job->stack = stack.untyped_data();
-  job->H = H, job->I = I, job->parts = (H + kRows - 1) / kRows, job->q = q;
+  job->H = H, job->I = I, job->q = q;
+  job->rows = part_rows(H, kRows, q.bits ? q.gH : 8);
+  job->parts = (H + job->rows - 1) / job->rows;
   job->row_bytes = q.bits ? q.row_bytes(H, I) : 3 * H * I * (wide ? 4 : 2);
   std::vector<float> xf(N * H);
   if (bf16) {
@@ -607,9 +701,10 @@ ffi::Error Ordered(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack,
 // accumulation for w [H, O]; lanes of 16 then their sum for w [O, H]), so the result does not
 // depend on the number of threads.
 
-// w [H, O] is split into parts of kRowsLinear consecutive rows (fixed by H, so the order in
-// which the parts' partial sums are added never depends on the machine); each task streams one
-// contiguous block of rows. w [O, H] (transposed) is split into blocks of output rows.
+// w [H, O] is split into parts of at most kRowsLinear consecutive rows, at least two of equal
+// size (part_rows: fixed by H, so the order in which the parts' partial sums are added never
+// depends on the machine); each task streams one contiguous block of rows. w [O, H]
+// (transposed) is split into blocks of output rows.
 constexpr int64_t kRowsLinear = 128;
 
 struct Linear {
@@ -659,7 +754,7 @@ template <typename W, bool T>
 void linear_run(ffi::ThreadPool& pool, std::shared_ptr<Linear> L) {
   const bool wide = L->H * L->O * int64_t(sizeof(W)) >= min_parallel_bytes();
   const int64_t threads = wide ? std::max<int64_t>(1, pool.num_threads()) : 1;
-  L->block = T ? std::max<int64_t>(16, (L->O + 4 * threads - 1) / (4 * threads)) : kRowsLinear;
+  L->block = T ? std::max<int64_t>(16, (L->O + 4 * threads - 1) / (4 * threads)) : part_rows(L->H, kRowsLinear, 8);
   const int64_t tasks = ((T ? L->O : L->H) + L->block - 1) / L->block;
   L->y.assign((T ? 1 : tasks) * L->N * L->O, 0.0f);
   parallel(pool, L, tasks, wide, linear_work<W, T>, L->done);
