@@ -101,7 +101,7 @@ inline float lane_dot(F w, const float* __restrict__ a, int64_t n) {
   for (; i + LANES <= n; i += LANES)
     for (int l = 0; l < LANES; ++l) lane[l] += w(i + l) * a[i + l];
   float s = 0.0f;
-  for (; i < n; ++i) s += w(i) * a[i];
+  for (; i < n; ++i) s = std::fma(w(i), a[i], s);  // explicit: GCC contracted some such loops, not others
   for (int l = 0; l < LANES; ++l) s += lane[l];
   return s;
 }
@@ -174,7 +174,7 @@ inline void tile_dots(const W* __restrict__ w, int64_t ldw, const float* __restr
       _mm256_storeu_ps(lane, c[r][t][0]);
       _mm256_storeu_ps(lane + 8, c[r][t][1]);
       float s = 0.0f;
-      for (int64_t j = i; j < n; ++j) s += ld(w[r * ldw + j]) * a[t * lda + j];
+      for (int64_t j = i; j < n; ++j) s = std::fma(ld(w[r * ldw + j]), a[t * lda + j], s);
       for (int l = 0; l < 16; ++l) s += lane[l];
       out[r][t] = s;
     }
@@ -441,8 +441,11 @@ void work(const std::shared_ptr<Job>& job) {
 }
 
 int64_t min_parallel_bytes() {
-  const char* e = std::getenv("MOEJAX_KERNEL_PARALLEL_BYTES");
-  return e ? std::atoll(e) : int64_t(16) << 10;
+  static const int64_t v = [] {
+    const char* e = std::getenv("MOEJAX_KERNEL_PARALLEL_BYTES");
+    return e ? std::atoll(e) : int64_t(16) << 10;
+  }();
+  return v;
 }
 
 // Helper threads of the kernels' own that spin between calls. A decode step makes ~50 kernel
@@ -511,9 +514,12 @@ class Team {
   std::chrono::microseconds spin_;
 };
 
-bool use_team() {
-  const char* e = std::getenv("MOEJAX_KERNEL_TEAM");
-  return !e || e[0] != '0';
+bool use_team() {  // MOEJAX_KERNEL_TEAM=0: wake XLA's pool threads instead (the A/B in docs/benchmarks.md)
+  static const bool v = [] {
+    const char* e = std::getenv("MOEJAX_KERNEL_TEAM");
+    return !e || e[0] != '0';
+  }();
+  return v;
 }
 
 Team& team(int helpers) {
@@ -934,3 +940,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoejaxAttendDecode, AttendDecode,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<float>("scale"));
+
