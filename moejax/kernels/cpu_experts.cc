@@ -122,30 +122,40 @@ inline __m256 load8(const uint16_t* w) {  // 8 bfloat16 -> float32
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
 
-// acc[t][j] = sum over h in [h0, h1), ascending, of x[t][h] * w[h][j] for t < 4, j < 24; x rows
-// at stride ldx, w rows at stride ldw, acc rows at stride lda (overwritten).
-template <typename W>
+// acc[t][j] = sum over h in [h0, h1), ascending, of x[t][h] * w[h][j] for t < 4, j < 8 * V (V = 3:
+// 24 columns; 2 and 1 for what is left of a width, e.g. 16 of 64 columns); x rows at stride ldx,
+// w rows at stride ldw, acc rows at stride lda (overwritten).
+template <typename W, int V = 3>
 inline void tile_xw(const W* __restrict__ w, int64_t ldw, int64_t h0, int64_t h1, const float* __restrict__ x,
                     int64_t ldx, float* __restrict__ acc, int64_t lda) {
+  static_assert(V >= 1 && V <= 3);
   // Twelve named accumulators: GCC kept an array of them on the stack (a store per FMA).
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c10 = c00, c11 = c00, c12 = c00;
   __m256 c20 = c00, c21 = c00, c22 = c00, c30 = c00, c31 = c00, c32 = c00;
   const float *x0 = x, *x1 = x + ldx, *x2 = x + 2 * ldx, *x3 = x + 3 * ldx;
   for (int64_t h = h0; h < h1; ++h) {
     const W* r = w + h * ldw;
-    const __m256 w0 = load8(r), w1 = load8(r + 8), w2 = load8(r + 16);
+    const __m256 w0 = load8(r), w1 = V > 1 ? load8(r + 8) : w0, w2 = V > 2 ? load8(r + 16) : w0;
     __m256 xv = _mm256_broadcast_ss(x0 + h);
-    c00 = _mm256_fmadd_ps(xv, w0, c00), c01 = _mm256_fmadd_ps(xv, w1, c01), c02 = _mm256_fmadd_ps(xv, w2, c02);
+    c00 = _mm256_fmadd_ps(xv, w0, c00);
+    if constexpr (V > 1) c01 = _mm256_fmadd_ps(xv, w1, c01);
+    if constexpr (V > 2) c02 = _mm256_fmadd_ps(xv, w2, c02);
     xv = _mm256_broadcast_ss(x1 + h);
-    c10 = _mm256_fmadd_ps(xv, w0, c10), c11 = _mm256_fmadd_ps(xv, w1, c11), c12 = _mm256_fmadd_ps(xv, w2, c12);
+    c10 = _mm256_fmadd_ps(xv, w0, c10);
+    if constexpr (V > 1) c11 = _mm256_fmadd_ps(xv, w1, c11);
+    if constexpr (V > 2) c12 = _mm256_fmadd_ps(xv, w2, c12);
     xv = _mm256_broadcast_ss(x2 + h);
-    c20 = _mm256_fmadd_ps(xv, w0, c20), c21 = _mm256_fmadd_ps(xv, w1, c21), c22 = _mm256_fmadd_ps(xv, w2, c22);
+    c20 = _mm256_fmadd_ps(xv, w0, c20);
+    if constexpr (V > 1) c21 = _mm256_fmadd_ps(xv, w1, c21);
+    if constexpr (V > 2) c22 = _mm256_fmadd_ps(xv, w2, c22);
     xv = _mm256_broadcast_ss(x3 + h);
-    c30 = _mm256_fmadd_ps(xv, w0, c30), c31 = _mm256_fmadd_ps(xv, w1, c31), c32 = _mm256_fmadd_ps(xv, w2, c32);
+    c30 = _mm256_fmadd_ps(xv, w0, c30);
+    if constexpr (V > 1) c31 = _mm256_fmadd_ps(xv, w1, c31);
+    if constexpr (V > 2) c32 = _mm256_fmadd_ps(xv, w2, c32);
   }
   const __m256 c[4][3] = {{c00, c01, c02}, {c10, c11, c12}, {c20, c21, c22}, {c30, c31, c32}};
   for (int t = 0; t < 4; ++t)
-    for (int k = 0; k < 3; ++k) _mm256_storeu_ps(acc + t * lda + 8 * k, c[t][k]);
+    for (int k = 0; k < V; ++k) _mm256_storeu_ps(acc + t * lda + 8 * k, c[t][k]);
 }
 
 // out[r][t] = lane_dot(w row r, a row t) over n for r, t < 2 (rows at strides ldw, lda).
@@ -167,21 +177,32 @@ inline void tile_dots(const W* __restrict__ w, int64_t ldw, const float* __restr
     c010 = _mm256_fmadd_ps(w00, lo, c010), c011 = _mm256_fmadd_ps(w01, hi, c011);
     c110 = _mm256_fmadd_ps(w10, lo, c110), c111 = _mm256_fmadd_ps(w11, hi, c111);
   }
-  const __m256 c[2][2][2] = {{{c000, c001}, {c010, c011}}, {{c100, c101}, {c110, c111}}};
-  for (int r = 0; r < 2; ++r)
-    for (int t = 0; t < 2; ++t) {
-      float lane[16];
-      _mm256_storeu_ps(lane, c[r][t][0]);
-      _mm256_storeu_ps(lane + 8, c[r][t][1]);
-      float s = 0.0f;
-      for (int64_t j = i; j < n; ++j) s = std::fma(ld(w[r * ldw + j]), a[t * lda + j], s);
-      for (int l = 0; l < 16; ++l) s += lane[l];
-      out[r][t] = s;
-    }
+  // Each sum: its tail (the elements after the last 16), then lanes 0-15 in order, as
+  // lane_dot. The four sums side by side in one vector, after a transpose of each one's groups
+  // of four lanes: storing the lanes and adding them back as scalars (four dependent chains of
+  // 16 additions, reloads stalled on store forwarding) made the down projection of a prefill
+  // slower than its gate and up projections with twice the arithmetic.
+  float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (r, t) = (0, 0), (0, 1), (1, 0), (1, 1)
+  for (int k = 0; k < 4; ++k)
+    for (int64_t j = i; j < n; ++j) tail[k] = std::fma(ld(w[(k / 2) * ldw + j]), a[(k % 2) * lda + j], tail[k]);
+  const __m256 lo[4] = {c000, c010, c100, c110}, hi[4] = {c001, c011, c101, c111};
+  __m128 sum = _mm_loadu_ps(tail);
+  for (int g = 0; g < 4; ++g) {
+    const __m256* v = g < 2 ? lo : hi;
+    __m128 r0 = g % 2 ? _mm256_extractf128_ps(v[0], 1) : _mm256_castps256_ps128(v[0]);
+    __m128 r1 = g % 2 ? _mm256_extractf128_ps(v[1], 1) : _mm256_castps256_ps128(v[1]);
+    __m128 r2 = g % 2 ? _mm256_extractf128_ps(v[2], 1) : _mm256_castps256_ps128(v[2]);
+    __m128 r3 = g % 2 ? _mm256_extractf128_ps(v[3], 1) : _mm256_castps256_ps128(v[3]);
+    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_k = lane 4g + k of the four sums
+    sum = _mm_add_ps(sum, r0), sum = _mm_add_ps(sum, r1), sum = _mm_add_ps(sum, r2), sum = _mm_add_ps(sum, r3);
+  }
+  float o[4];
+  _mm_storeu_ps(o, sum);
+  out[0][0] = o[0], out[0][1] = o[1], out[1][0] = o[2], out[1][1] = o[3];
 }
 #else
 constexpr bool kTiles = false;
-template <typename W>
+template <typename W, int V = 3>
 inline void tile_xw(const W*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
 template <typename W>
 inline void tile_dots(const W*, int64_t, const float*, int64_t, int64_t, float[2][2]) {}
@@ -203,13 +224,24 @@ void plain_xw(const W* __restrict__ w, int64_t ldw, int64_t h0, int64_t h1, cons
 }
 
 // acc [n][m] (zeros on entry; row stride lda) += x [n][h0:h1] @ w[h0:h1][0:m]: 4 x 24 tiles where
-// they fit (from 4 tokens up), the plain loop for the rest.
+// they fit (from 4 tokens up), then 4 x 16 and 4 x 8 tiles for the columns left (an expert of
+// width 64: 24 + 24 + 16, where the last 16 went through the plain loop), the plain loop for
+// the rest.
 template <typename W>
 void xw(const W* __restrict__ w, int64_t ldw, int64_t h0, int64_t h1, const float* __restrict__ x, int64_t ldx,
         int64_t n, int64_t m, float* __restrict__ acc, int64_t lda) {
-  const int64_t nt = kTiles ? n / 4 * 4 : 0, mt = kTiles && nt ? m / 24 * 24 : 0;
+  const int64_t nt = kTiles ? n / 4 * 4 : 0;
+  int64_t mt = kTiles && nt ? m / 24 * 24 : 0;
   for (int64_t j = 0; j < mt; j += 24)
     for (int64_t t = 0; t < nt; t += 4) tile_xw(w + j, ldw, h0, h1, x + t * ldx, ldx, acc + t * lda + j, lda);
+  if (nt && m - mt >= 16) {
+    for (int64_t t = 0; t < nt; t += 4) tile_xw<W, 2>(w + mt, ldw, h0, h1, x + t * ldx, ldx, acc + t * lda + mt, lda);
+    mt += 16;
+  }
+  if (nt && m - mt >= 8) {
+    for (int64_t t = 0; t < nt; t += 4) tile_xw<W, 1>(w + mt, ldw, h0, h1, x + t * ldx, ldx, acc + t * lda + mt, lda);
+    mt += 8;
+  }
   plain_xw(w, ldw, h0, h1, x, ldx, 0, nt, mt, m, acc, lda);
   plain_xw(w, ldw, h0, h1, x, ldx, nt, n, 0, m, acc, lda);
 }
@@ -380,6 +412,8 @@ struct Job {
   std::vector<int32_t> order;          // indices into list, grouped by row
   std::vector<int64_t> group_begin;    // groups: order[group_begin[t] .. group_begin[t + 1])
   std::vector<float> gp, up;           // [parts, list.size(), I] partial gate and up (phase 1)
+  std::vector<float> act;              // [list.size(), I] silu(gate) * up, in `order` (phase 1's end)
+  std::unique_ptr<std::atomic<int>[]> finished;  // per group: its phase-1 parts done
   std::vector<float> y;                // [list.size(), H] expert outputs (phase 2)
   std::atomic<int64_t> next[2] = {0, 0}, done[2] = {0, 0};  // per phase
   int64_t tasks() const { return (int64_t(group_begin.size()) - 1) * parts; }
@@ -408,23 +442,29 @@ void run_task(Job& job, int64_t task) {
       std::memcpy(&job.gp[(part * P + job.order[b + k]) * I], &g[k * I], I * sizeof(float));
       std::memcpy(&job.up[(part * P + job.order[b + k]) * I], &u[k * I], I * sizeof(float));
     }
-  } else {
-    std::vector<float> a(n * I), ys(n * H);
+    // The group's last part to finish computes its activations once (each part of phase 2
+    // recomputed them: twice the exponentials with two parts); the parts are summed in order
+    // whichever thread does it.
+    if (job.finished[grp].fetch_add(1, std::memory_order_acq_rel) + 1 < job.parts) return;
     for (int k = 0; k < n; ++k) {  // a = silu(g) * u, the parts summed in order, rounded as jnp rounds
       const int64_t p = job.order[b + k];
+      float* a = &job.act[(b + k) * I];
       for (int64_t i = 0; i < I; ++i) {
         float gv = job.gp[p * I + i], uv = job.up[p * I + i];
         for (int64_t q = 1; q < job.parts; ++q) gv += job.gp[(q * P + p) * I + i], uv += job.up[(q * P + p) * I + i];
         if (BF16) { gv = round_bf16(gv); uv = round_bf16(uv); }
         float sv = gv / (1.0f + std::exp(-gv));
         if (BF16) sv = round_bf16(sv);
-        a[k * I + i] = BF16 ? round_bf16(sv * uv) : sv * uv;
+        a[i] = BF16 ? round_bf16(sv * uv) : sv * uv;
       }
     }
+  } else {
+    const float* a = &job.act[b * I];  // [n, I], this group's tokens in order
+    std::vector<float> ys(n * H);
     if constexpr (Q) {
-      QExpert{ex, job.q, H, I}.down<BF16>(h0, h1, a.data(), n, ys.data());
+      QExpert{ex, job.q, H, I}.down<BF16>(h0, h1, a, n, ys.data());
     } else {
-      down_part<W, BF16>(w + 2 * H * I, H, I, h0, h1, a.data(), n, ys.data());
+      down_part<W, BF16>(w + 2 * H * I, H, I, h0, h1, a, n, ys.data());
     }
     for (int k = 0; k < n; ++k)
       std::memcpy(&job.y[int64_t(job.order[b + k]) * H + h0], &ys[k * H + h0], (h1 - h0) * sizeof(float));
@@ -608,6 +648,8 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, con
   job->group_begin.push_back(P);
   job->gp.resize(job->parts * P * I);
   job->up.resize(job->parts * P * I);
+  job->act.resize(P * I);
+  job->finished.reset(new std::atomic<int>[job->group_begin.size()]());
   job->y.resize(P * H);
   if (P > 0) {
     const bool par = (int64_t(job->group_begin.size()) - 1) * job->row_bytes >= min_parallel_bytes();
