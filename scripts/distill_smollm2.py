@@ -7,6 +7,11 @@ qwen2_moe (`_train_model.py`: exact top-k routing, nothing dropped), the layers 
 `lax.scan`. What trains: the routed experts and the shared expert (`--train-router` adds the
 routers, at `--router-lr`; their gradient reaches them only through the top-k weights, which the
 build's temperature of 0.01 keeps near 1/k). Attention, norms and embeddings stay frozen.
+`--router-scale S` first multiplies every router by S, so that the router probabilities carry
+importance (the paper's alpha rule ranks experts by them; at the build's temperature they are
+flat, ~1/E); `--rescale-experts N` then divides each expert's down projection by its mean top-k
+weight x k over N training windows, so that on average each expert adds what it added before
+(docs/accuracy.md, "The alpha table with importance-carrying routers").
 
 Text: the build's training documents (Shakespeare without the held-out plays, five Austen
 novels, five KJV books), random windows of `--seq-len`, corpora in turn. Held-out perplexity
@@ -168,6 +173,53 @@ def moe_ffn(p, x, cfg):
           ) @ p["shared_expert.down_proj"].T
     sh = jax.nn.sigmoid(xf @ p["shared_expert_gate.weight"].T) * sh
     return (routed + sh).reshape(B, T, D)
+
+
+def router_logits(params, ids, cfg):
+    """ids [B, T] -> every layer's router logits [L, B*T, E] (the student's forward)."""
+    import jax
+    import jax.numpy as jnp
+    from _train_model import attention, rms_norm, rope_cos_sin
+
+    cos, sin = rope_cos_sin(cfg, jnp.arange(ids.shape[1]))
+
+    def layer(x, p):
+        x = x + attention(p, rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps), cfg, cos, sin)
+        h = rms_norm(x, p["post_attention_layernorm"], cfg.rms_norm_eps)
+        return x + moe_ffn(p, h, cfg), h.reshape(-1, h.shape[-1]) @ p["gate.weight"].T
+
+    return jax.lax.scan(layer, params["embed_tokens"][ids], params["layers"])[1]
+
+
+def sharpen_router(params, cfg, scale: float, windows=None) -> dict:
+    """Multiply every router by `scale` (the build's temperature of 0.01 makes the router's
+    probabilities flat, ~1/E, so the paper's alpha rule cannot rank experts on them). With
+    `windows` ([N, T] token ids), also divide each expert's down projection by its mean top-k
+    weight x k over those tokens when selected (one pass of the sharpened model, all layers at
+    once), so that on average each expert adds what it added under ~1/k weights. Returns stats."""
+    import jax
+    import numpy as np
+
+    params["layers"]["gate.weight"] = params["layers"]["gate.weight"] * np.float32(scale)
+    if windows is None:
+        return dict(router_scale=scale)
+    k, E, L = cfg.num_experts_per_tok, cfg.num_experts, cfg.num_hidden_layers
+    f = jax.jit(lambda p, ids: router_logits(p, ids, cfg))
+    wsum, cnt = np.zeros((L, E)), np.zeros((L, E))
+    for w in windows:
+        lg = np.asarray(f(params, w[None]), np.float64)  # [L, T, E]
+        idx = np.argsort(-lg, -1)[..., :k]
+        top = np.take_along_axis(lg, idx, -1)
+        wk = np.exp(top - top.max(-1, keepdims=True))
+        wk = wk / wk.sum(-1, keepdims=True) * k  # norm_topk_prob weights x k
+        for layer in range(L):
+            np.add.at(wsum[layer], idx[layer].ravel(), wk[layer].ravel())
+            np.add.at(cnt[layer], idx[layer].ravel(), 1.0)
+    mean = np.where(cnt > 0, wsum / np.maximum(cnt, 1), 1.0)
+    params["layers"]["experts.down"] = (params["layers"]["experts.down"]
+                                        / mean[:, :, None, None].astype(np.float32))
+    return dict(router_scale=scale, rescale_tokens=int(sum(w.size for w in windows)),
+                mean_weight_x_k_min=float(mean.min()), mean_weight_x_k_max=float(mean.max()))
 
 
 def logits(params, ids, cfg):
@@ -345,6 +397,11 @@ def parser() -> argparse.ArgumentParser:
                    help="add this x the per-layer relative MSE of the residual stream (0: KL only)")
     p.add_argument("--train-router", action="store_true", help="train the routers too")
     p.add_argument("--router-lr", type=float, default=1e-6)
+    p.add_argument("--router-scale", type=float, default=1.0,
+                   help="multiply the student's routers by this before training (sharper router probabilities)")
+    p.add_argument("--rescale-experts", type=int, default=0, metavar="N",
+                   help="with --router-scale: divide each expert's down projection by its mean top-k weight x k "
+                        "over N training windows of --seq-len (0: no)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--ckpt-every", type=int, default=10, help="save the run every N steps")
@@ -394,6 +451,15 @@ def main(argv=None) -> int:
     _, held = mf.corpus_windows(tokenizer, texts, HELD_TRAIN_TOKENS, HELD_EVAL_TOKENS, HELD_SEED)
     print(f"training tokens per corpus {[len(s) for s in streams]}; held-out windows "
           f"{ {c: w.shape for c, w in held.items()} }", flush=True)
+
+    sharpen = None
+    if args.router_scale != 1.0 or args.rescale_experts:
+        wins = [batch_at(streams, 10**6 + i, 1, args.seq_len, args.seed + 1000)[0] for i in range(args.rescale_experts)]
+        sharpen = sharpen_router(student, cfg, args.router_scale, wins or None)
+        print(f"sharpened the student: {sharpen}", flush=True)
+        # the student's output keeps the sharpened, unscaled-by-training tensors too
+        hub = trained_hub(hub, {n: student["layers"][n] for n in ("gate.weight", "experts.down")},
+                          ("gate.weight", "experts.down"))
 
     opt = make_optimizer(args.lr, args.router_lr, names, args.steps, args.warmup, args.clip)
     d = Distiller(teacher, teacher_cfg, student, cfg, names, opt, args.hidden_mse)
@@ -452,7 +518,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     layers = {n: np.asarray(v) for n, v in d.train.items()}
     record = dict(student=args.student, teacher=args.teacher, trained=list(names), steps=meta["step"],
-                  tokens=tokens, seq_len=args.seq_len, tokens_per_step=tokens_per_step, lr=args.lr,
+                  tokens=tokens, seq_len=args.seq_len, sharpen=sharpen, tokens_per_step=tokens_per_step, lr=args.lr,
                   router_lr=args.router_lr if args.train_router else None,
                   train_wall_s=round(meta["train_s"], 1), train_cpu_s=round(meta["cpu_s"], 1),
                   quiet_wait_s=round(meta["quiet_s"], 1),
