@@ -501,9 +501,7 @@ class Team {
     const char* e = std::getenv("MOEJAX_KERNEL_SPIN_US");
     spin_ = std::chrono::microseconds(e ? std::atoll(e) : 200);
     for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
-    size_ = n;
   }
-  int size() const { return size_; }
   // Runs f on every helper unless another caller holds them: then false.
   bool start(std::function<void()> f) {
     if (busy_.exchange(true, std::memory_order_acquire)) return false;
@@ -550,7 +548,7 @@ class Team {
   std::atomic<uint64_t> seq_{0};
   std::atomic<bool> busy_{false};
   std::function<void()> fn_;
-  int sleeping_ = 0, size_ = 0;
+  int sleeping_ = 0;
   std::chrono::microseconds spin_;
 };
 
@@ -579,17 +577,17 @@ template <typename J, typename F>
 void parallel(ffi::ThreadPool& pool, const std::shared_ptr<J>& job, int64_t tasks, bool wide, F work,
               const std::atomic<int64_t>& done) {
   const int64_t helpers = wide ? std::max<int64_t>(0, std::min<int64_t>(pool.num_threads() - 1, tasks - 1)) : 0;
-  bool teamed = false;
+  Team* teamed = nullptr;
   if (helpers > 0 && use_team()) {
-    Team& t = team(std::max<int64_t>(1, pool.num_threads() - 1));
-    teamed = t.start([job, work] { work(job); });
+    Team& t = team(int(pool.num_threads() - 1));
+    if (t.start([job, work] { work(job); })) teamed = &t;
   }
   if (!teamed)
     for (int64_t k = 0; k < helpers; ++k) pool.Schedule([job, work] { work(job); });
   work(job);
   for (int spins = 0; done.load(std::memory_order_acquire) < tasks; ++spins)
     if (spins >= 4096) std::this_thread::yield();
-  if (teamed) team(0).finish();
+  if (teamed) teamed->finish();
 }
 
 template <typename W, bool BF16, bool Q = false>
