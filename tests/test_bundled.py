@@ -83,3 +83,27 @@ def test_padded_experts_keep_the_model(cache, tmp_path):
     ids = np.asarray([ref.tokenizer.encode("ROMEO: But soft, what light").ids])
     np.testing.assert_allclose(padded.forward(ids), ref.forward(ids), rtol=1e-5, atol=1e-5)
     assert padded.generate(ids, 8).tokens == ref.generate(ids, 8).tokens
+
+
+def test_chunked_decode_equals_one_step_per_dispatch(cache, monkeypatch):
+    """The resident loop runs up to CHUNK decode steps per dispatch (generate.decode_steps).
+    Its tokens must be those of one step per dispatch, with a stop id that one row hits inside
+    a chunk (the chunk runs on for the other row); on_token sees the same tokens in order."""
+    from moejax import generate as G
+
+    model = moejax.load(PATH)
+    tok = model.tokenizer
+    ids = np.array([tok.encode("To be, or not to be, that is the question").ids[:8],
+                    tok.encode("Now is the winter of our discontent made").ids[:8]])
+    free = model.generate(ids, 40)
+    row = free.tokens[0]
+    j = next(j for j in range(17, 32) if row[j] not in row[:j])  # row 0 stops inside the second chunk of 16
+    stop = row[j]
+    seen, seen_single = [], []
+    chunked = model.generate(ids, 40, stop_ids=(stop,), on_token=seen.append)
+    monkeypatch.setattr(G, "CHUNK", 1)
+    single = model.generate(ids, 40, stop_ids=(stop,), on_token=seen_single.append)
+    assert chunked.tokens == single.tokens
+    assert chunked.tokens[0] == row[:j + 1]
+    assert np.array_equal(np.stack(seen), np.stack(seen_single))
+    assert len(chunked.step_s) == len(seen) - 1

@@ -69,6 +69,14 @@ struct Contribution {
   float weight;
 };
 
+// A thread's scratch buffer of at least n floats (grown, never shrunk); `slot` tells apart the
+// buffers in use at once: 0-3 a task's, 4-5 a call's (its caller also runs tasks).
+inline float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> bufs[6];
+  if (int64_t(bufs[slot].size()) < n) bufs[slot].resize(n);
+  return bufs[slot].data();
+}
+
 // Rows per part: an expert's gate and up (and down) matrices are split into `parts` blocks of
 // consecutive rows of H, so that one token's few experts, or a shared expert alone, still give
 // every thread work, and each task streams contiguous memory. Fixed by the shapes, not by the
@@ -158,55 +166,59 @@ inline void tile_xw(const W* __restrict__ w, int64_t ldw, int64_t h0, int64_t h1
     for (int k = 0; k < V; ++k) _mm256_storeu_ps(acc + t * lda + 8 * k, c[t][k]);
 }
 
-// out[r][t] = lane_dot(w row r, a row t) over n for r, t < 2 (rows at strides ldw, lda).
-template <typename W>
-inline void tile_dots(const W* __restrict__ w, int64_t ldw, const float* __restrict__ a, int64_t lda, int64_t n,
-                      float out[2][2]) {
-  // Eight named accumulators (rows r, tokens t, lanes 0-7 and 8-15), as in tile_xw.
-  __m256 c000 = _mm256_setzero_ps(), c001 = c000, c010 = c000, c011 = c000;
-  __m256 c100 = c000, c101 = c000, c110 = c000, c111 = c000;
-  const W *w0 = w, *w1 = w + ldw;
-  const float *a0 = a, *a1 = a + lda;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m256 w00 = load8(w0 + i), w01 = load8(w0 + i + 8), w10 = load8(w1 + i), w11 = load8(w1 + i + 8);
-    __m256 lo = _mm256_loadu_ps(a0 + i), hi = _mm256_loadu_ps(a0 + i + 8);
-    c000 = _mm256_fmadd_ps(w00, lo, c000), c001 = _mm256_fmadd_ps(w01, hi, c001);
-    c100 = _mm256_fmadd_ps(w10, lo, c100), c101 = _mm256_fmadd_ps(w11, hi, c101);
-    lo = _mm256_loadu_ps(a1 + i), hi = _mm256_loadu_ps(a1 + i + 8);
-    c010 = _mm256_fmadd_ps(w00, lo, c010), c011 = _mm256_fmadd_ps(w01, hi, c011);
-    c110 = _mm256_fmadd_ps(w10, lo, c110), c111 = _mm256_fmadd_ps(w11, hi, c111);
-  }
-  // Each sum: its tail (the elements after the last 16), then lanes 0-15 in order, as
-  // lane_dot. The four sums side by side in one vector, after a transpose of each one's groups
-  // of four lanes: storing the lanes and adding them back as scalars (four dependent chains of
-  // 16 additions, reloads stalled on store forwarding) made the down projection of a prefill
-  // slower than its gate and up projections with twice the arithmetic.
-  float tail[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // (r, t) = (0, 0), (0, 1), (1, 0), (1, 1)
-  for (int k = 0; k < 4; ++k)
-    for (int64_t j = i; j < n; ++j) tail[k] = std::fma(ld(w[(k / 2) * ldw + j]), a[(k % 2) * lda + j], tail[k]);
-  const __m256 lo[4] = {c000, c010, c100, c110}, hi[4] = {c001, c011, c101, c111};
-  __m128 sum = _mm_loadu_ps(tail);
-  for (int g = 0; g < 4; ++g) {
-    const __m256* v = g < 2 ? lo : hi;
-    __m128 r0 = g % 2 ? _mm256_extractf128_ps(v[0], 1) : _mm256_castps256_ps128(v[0]);
-    __m128 r1 = g % 2 ? _mm256_extractf128_ps(v[1], 1) : _mm256_castps256_ps128(v[1]);
-    __m128 r2 = g % 2 ? _mm256_extractf128_ps(v[2], 1) : _mm256_castps256_ps128(v[2]);
-    __m128 r3 = g % 2 ? _mm256_extractf128_ps(v[3], 1) : _mm256_castps256_ps128(v[3]);
-    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_k = lane 4g + k of the four sums
-    sum = _mm_add_ps(sum, r0), sum = _mm_add_ps(sum, r1), sum = _mm_add_ps(sum, r2), sum = _mm_add_ps(sum, r3);
-  }
-  float o[4];
-  _mm_storeu_ps(o, sum);
-  out[0][0] = o[0], out[0][1] = o[1], out[1][0] = o[2], out[1][1] = o[3];
-}
 #else
 constexpr bool kTiles = false;
 template <typename W, int V = 3>
 inline void tile_xw(const W*, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {}
-template <typename W>
-inline void tile_dots(const W*, int64_t, const float*, int64_t, int64_t, float[2][2]) {}
 #endif
+
+// The down projection's dot products, `dot8` order: over n elements, 8 lane sums (i ascending in
+// steps of 8, fused multiply-adds from zero), the lanes added as the tree
+// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)), then the tail (the elements after the last
+// multiple of 8) by fused multiply-adds. AVX2 computes eight such trees at once (horizontal
+// additions that transpose as they add), where lane_dot's 16 lanes added one by one made a decode
+// call's down projection slower than its gate and up projections with twice the arithmetic.
+inline float tree8(const float l[8]) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+
+// out[r * T + t] = dot8(w row r, a row t) for r < R, t < T (R * T <= 8; rows at strides ldw, lda).
+template <typename W, int R, int T>
+inline void dots(const W* __restrict__ w, int64_t ldw, const float* __restrict__ a, int64_t lda, int64_t n,
+                 float* __restrict__ out) {
+  static_assert(R >= 1 && T >= 1 && R * T <= 8);
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  // Eight named accumulators (k = r * T + t), as in tile_xw.
+  __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 av[T], wv[R];
+    for (int t = 0; t < T; ++t) av[t] = _mm256_loadu_ps(a + t * lda + i);
+    for (int r = 0; r < R; ++r) wv[r] = load8(w + r * ldw + i);
+#define MOEJAX_DOT(k) \
+  if constexpr (k < R * T) c##k = _mm256_fmadd_ps(wv[k / T], av[k % T], c##k);
+    MOEJAX_DOT(0) MOEJAX_DOT(1) MOEJAX_DOT(2) MOEJAX_DOT(3) MOEJAX_DOT(4) MOEJAX_DOT(5) MOEJAX_DOT(6) MOEJAX_DOT(7)
+#undef MOEJAX_DOT
+  }
+  // Lane k of the result is tree8 of c_k: hadd(a, b) = (a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, ...).
+  const __m256 t0 = _mm256_hadd_ps(c0, c1), t1 = _mm256_hadd_ps(c2, c3);
+  const __m256 t2 = _mm256_hadd_ps(c4, c5), t3 = _mm256_hadd_ps(c6, c7);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  float sums[8];
+  _mm256_storeu_ps(sums, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  float lanes[8][8] = {};
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < R * T; ++k)
+      for (int l = 0; l < 8; ++l)
+        lanes[k][l] = std::fma(ld(w[(k / T) * ldw + i + l]), a[(k % T) * lda + i + l], lanes[k][l]);
+  float sums[8];
+  for (int k = 0; k < R * T; ++k) sums[k] = tree8(lanes[k]);
+#endif
+  for (int k = 0; k < R * T; ++k) {
+    float s = sums[k];
+    for (int64_t j = i; j < n; ++j) s = std::fma(ld(w[(k / T) * ldw + j]), a[(k % T) * lda + j], s);
+    out[k] = s;
+  }
+}
 
 // acc[t][j] += sum over h in [h0, h1), ascending, of x[t][h] * w[h][j], for tokens [t0, t1) and
 // columns [j0, j1): the plain loop (accumulators in memory).
@@ -218,7 +230,7 @@ void plain_xw(const W* __restrict__ w, int64_t ldw, int64_t h0, int64_t h1, cons
     for (int64_t t = t0; t < t1; ++t) {
       const float xv = x[t * ldx + h];
       float* __restrict__ at = acc + t * lda;
-      for (int64_t j = j0; j < j1; ++j) at[j] += xv * ld(r[j]);
+      for (int64_t j = j0; j < j1; ++j) at[j] = std::fma(xv, ld(r[j]), at[j]);  // explicit, as the tiles
     }
   }
 }
@@ -250,13 +262,15 @@ void xw(const W* __restrict__ w, int64_t ldw, int64_t h0, int64_t h1, const floa
 template <typename W>
 void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t H, int64_t I, int64_t h0, int64_t h1,
                   const float* __restrict__ x, int n, float* __restrict__ g, float* __restrict__ u) {
-  std::fill(g, g + n * I, 0.0f);
-  std::fill(u, u + n * I, 0.0f);
   if (n >= 4) {  // prefill: register tiles
+    std::fill(g, g + n * I, 0.0f);
+    std::fill(u, u + n * I, 0.0f);
     xw(gate, I, h0, h1, x, H, n, I, g, I);
     xw(up, I, h0, h1, x, H, n, I, u, I);
     return;
   }
+  std::fill(g, g + n * I, 0.0f);
+  std::fill(u, u + n * I, 0.0f);
   for (int64_t h = h0; h < h1; ++h) {  // decode: both matrices streamed together, row by row
     const W* __restrict__ gr = gate + h * I;
     const W* __restrict__ ur = up + h * I;
@@ -264,31 +278,39 @@ void gate_up_part(const W* __restrict__ gate, const W* __restrict__ up, int64_t 
       const float xv = x[t * H + h];
       float* __restrict__ gt = g + t * I;
       float* __restrict__ ut = u + t * I;
-      for (int64_t i = 0; i < I; ++i) {
-        gt[i] += xv * ld(gr[i]);
-        ut[i] += xv * ld(ur[i]);
-      }
+      for (int64_t i = 0; i < I; ++i) gt[i] = std::fma(xv, ld(gr[i]), gt[i]), ut[i] = std::fma(xv, ld(ur[i]), ut[i]);
     }
   }
 }
 
-// Phase 2, rows [h0, h1) of down: y[t][h] = down[h] . a[t], a [n][I] -> y [n][H].
+// Phase 2, rows [h0, h1) of down: y[t][h] = dot8(down[h], a[t]), a [n][I] -> y [n][H]. 4 rows x 2
+// tokens share their loads; a token alone takes 8 rows at once.
 template <typename W, bool BF16>
 void down_part(const W* __restrict__ down, int64_t H, int64_t I, int64_t h0, int64_t h1, const float* __restrict__ a,
                int n, float* __restrict__ y) {
-  const int64_t ht = kTiles && n >= 2 ? h0 + (h1 - h0) / 2 * 2 : h0, nt = kTiles ? n / 2 * 2 : 0;
-  for (int64_t h = h0; h < ht; h += 2)  // 2 x 2 tiles of (row, token) dot products
-    for (int t = 0; t < nt; t += 2) {
-      float d[2][2];
-      tile_dots(down + h * I, I, a + t * I, I, I, d);
-      for (int r = 0; r < 2; ++r)
-        for (int k = 0; k < 2; ++k) y[(t + k) * H + h + r] = BF16 ? round_bf16(d[r][k]) : d[r][k];
+  float o[8];
+  auto put = [&](int t, int64_t h, float v) { y[t * H + h] = BF16 ? round_bf16(v) : v; };
+  int t = 0;
+  for (; t + 2 <= n; t += 2) {
+    int64_t h = h0;
+    for (; h + 4 <= h1; h += 4) {
+      dots<W, 4, 2>(down + h * I, I, a + t * I, I, I, o);
+      for (int r = 0; r < 4; ++r) put(t, h + r, o[2 * r]), put(t + 1, h + r, o[2 * r + 1]);
     }
-  for (int64_t h = h0; h < h1; ++h) {
-    const W* __restrict__ dr = down + h * I;
-    for (int t = h < ht ? int(nt) : 0; t < n; ++t) {
-      const float s = lane_dot([&](int64_t i) { return ld(dr[i]); }, a + t * I, I);
-      y[t * H + h] = BF16 ? round_bf16(s) : s;
+    for (; h < h1; ++h) {
+      dots<W, 1, 2>(down + h * I, I, a + t * I, I, I, o);
+      put(t, h, o[0]), put(t + 1, h, o[1]);
+    }
+  }
+  for (; t < n; ++t) {
+    int64_t h = h0;
+    for (; h + 8 <= h1; h += 8) {
+      dots<W, 8, 1>(down + h * I, I, a + t * I, I, I, o);
+      for (int r = 0; r < 8; ++r) put(t, h + r, o[r]);
+    }
+    for (; h < h1; ++h) {
+      dots<W, 1, 1>(down + h * I, I, a + t * I, I, I, o);
+      put(t, h, o[0]);
     }
   }
 }
@@ -349,19 +371,18 @@ struct QExpert {
                float* __restrict__ u) const {
     std::fill(g, g + n * I, 0.0f);
     std::fill(u, u + n * I, 0.0f);
-    std::vector<float> tg(n * I), tu(n * I);
+    float *tg = scratch(3, 2 * n * I), *tu = tg + n * I;  // slots 0-2: run_task's
     for (int64_t h = h0; h < h1;) {
       const int64_t grp = h / q.gH, end = std::min(h1, (grp + 1) * q.gH);
-      std::fill(tg.begin(), tg.end(), 0.0f);
-      std::fill(tu.begin(), tu.end(), 0.0f);
+      std::fill(tg, tg + 2 * n * I, 0.0f);
       for (; h < end; ++h) {
         int kind;
         const int8_t *gq = row(0, h, kind), *uq = row(1, h, kind);
         by_kind(kind, [&](auto K) {
           for (int t = 0; t < n; ++t) {
             const float xv = x[t * H + h];
-            float* __restrict__ gt = tg.data() + t * I;
-            float* __restrict__ ut = tu.data() + t * I;
+            float* __restrict__ gt = tg + t * I;
+            float* __restrict__ ut = tu + t * I;
             for (int64_t i = 0; i < I; ++i) {
               gt[i] += xv * qv<decltype(K)::value>(gq, i);
               ut[i] += xv * qv<decltype(K)::value>(uq, i);
@@ -414,10 +435,32 @@ struct Job {
   std::vector<float> gp, up;           // [parts, list.size(), I] partial gate and up (phase 1)
   std::vector<float> act;              // [list.size(), I] silu(gate) * up, in `order` (phase 1's end)
   std::unique_ptr<std::atomic<int>[]> finished;  // per group: its phase-1 parts done
+  int64_t finished_size = 0;
   std::vector<float> y;                // [list.size(), H] expert outputs (phase 2)
   std::atomic<int64_t> next[2] = {0, 0}, done[2] = {0, 0};  // per phase
   int64_t tasks() const { return (int64_t(group_begin.size()) - 1) * parts; }
+  void reset() {  // for the next call; the buffers keep their capacity
+    list.clear(), order.clear(), group_begin.clear();
+    for (auto* c : {&next[0], &next[1], &done[0], &done[1]}) c->store(0, std::memory_order_relaxed);
+  }
 };
+
+// A job (or linear layer) object for the next call: one that no other thread still holds (a
+// helper, or a late pool thread, keeps its shared_ptr until it leaves the job), so that its
+// buffers keep their capacity and a decode step's kernel calls allocate nothing once warm
+// (malloc and free were ~6% of a bundled decode step's samples in perf).
+template <typename J>
+std::shared_ptr<J> reuse() {
+  thread_local std::vector<std::shared_ptr<J>> pool;
+  for (auto& j : pool)
+    if (j.use_count() == 1) {
+      std::atomic_thread_fence(std::memory_order_acquire);
+      j->reset();
+      return j;
+    }
+  pool.push_back(std::make_shared<J>());
+  return pool.back();
+}
 
 // W: the weights' element type; Q: packed quantized experts (rows dequantized into float buffers).
 template <typename W, bool BF16, int PHASE, bool Q>
@@ -430,13 +473,13 @@ void run_task(Job& job, int64_t task) {
   const uint8_t* ex = static_cast<const uint8_t*>(job.stack) + int64_t(job.list[job.order[b]].row) * job.row_bytes;
   const W* w = reinterpret_cast<const W*>(ex);
   if (PHASE == 1) {
-    std::vector<float> xs(n * H), g(n * I), u(n * I);
+    float *xs = scratch(0, n * H), *g = scratch(1, n * I), *u = scratch(2, n * I);
     for (int k = 0; k < n; ++k)
       std::memcpy(&xs[k * H], job.x + int64_t(job.list[job.order[b + k]].token) * H, H * sizeof(float));
     if constexpr (Q) {
-      QExpert{ex, job.q, H, I}.gate_up(h0, h1, xs.data(), n, g.data(), u.data());
+      QExpert{ex, job.q, H, I}.gate_up(h0, h1, xs, n, g, u);
     } else {
-      gate_up_part<W>(w, w + H * I, H, I, h0, h1, xs.data(), n, g.data(), u.data());
+      gate_up_part<W>(w, w + H * I, H, I, h0, h1, xs, n, g, u);
     }
     for (int k = 0; k < n; ++k) {
       std::memcpy(&job.gp[(part * P + job.order[b + k]) * I], &g[k * I], I * sizeof(float));
@@ -460,11 +503,11 @@ void run_task(Job& job, int64_t task) {
     }
   } else {
     const float* a = &job.act[b * I];  // [n, I], this group's tokens in order
-    std::vector<float> ys(n * H);
+    float* ys = scratch(0, n * H);
     if constexpr (Q) {
-      QExpert{ex, job.q, H, I}.down<BF16>(h0, h1, a, n, ys.data());
+      QExpert{ex, job.q, H, I}.down<BF16>(h0, h1, a, n, ys);
     } else {
-      down_part<W, BF16>(w + 2 * H * I, H, I, h0, h1, a, n, ys.data());
+      down_part<W, BF16>(w + 2 * H * I, H, I, h0, h1, a, n, ys);
     }
     for (int k = 0; k < n; ++k)
       std::memcpy(&job.y[int64_t(job.order[b + k]) * H + h0], &ys[k * H + h0], (h1 - h0) * sizeof(float));
@@ -597,8 +640,9 @@ void phases(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job, bool wide) {
   parallel(pool, job, tasks, wide, work<W, BF16, 2, Q>, job->done[1]);
 }
 
+// job: from reuse(), its list filled by the caller.
 ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, const Quant& q, int64_t inter,
-               std::vector<Contribution> list, const void* acc_in, ffi::Result<ffi::AnyBuffer> out) {
+               std::shared_ptr<Job> job, const void* acc_in, ffi::Result<ffi::AnyBuffer> out) {
   const auto xd = x.dimensions(), sd = stack.dimensions();
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
   if (!bf16 && x.element_type() != ffi::DataType::F32)
@@ -618,22 +662,20 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, con
       return ffi::Error::InvalidArgument("moejax experts: stack must be float32, bfloat16 or uint16 bits");
   }
 
-  auto job = std::make_shared<Job>();
   job->stack = stack.untyped_data();
   job->H = H, job->I = I, job->q = q;
   job->rows = part_rows(H, kRows, q.bits ? q.gH : 8);
   job->parts = (H + job->rows - 1) / job->rows;
   job->row_bytes = q.bits ? q.row_bytes(H, I) : 3 * H * I * (wide ? 4 : 2);
-  std::vector<float> xf(N * H);
+  float* xf = scratch(4, N * H);
   if (bf16) {
     const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());
     for (int64_t j = 0; j < N * H; ++j) xf[j] = bf16_to_f32(xb[j]);
   } else {
-    std::memcpy(xf.data(), x.untyped_data(), N * H * sizeof(float));
+    std::memcpy(xf, x.untyped_data(), N * H * sizeof(float));
   }
-  job->x = xf.data();
-  for (auto& c : list) c.row = std::clamp<int32_t>(c.row, 0, int32_t(S - 1));
-  job->list = std::move(list);
+  job->x = xf;
+  for (auto& c : job->list) c.row = std::clamp<int32_t>(c.row, 0, int32_t(S - 1));
   const int64_t P = int64_t(job->list.size());
   job->order.resize(P);
   for (int64_t p = 0; p < P; ++p) job->order[p] = int32_t(p);
@@ -647,7 +689,9 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, con
   job->gp.resize(job->parts * P * I);
   job->up.resize(job->parts * P * I);
   job->act.resize(P * I);
-  job->finished.reset(new std::atomic<int>[job->group_begin.size()]());
+  const int64_t groups = int64_t(job->group_begin.size());
+  if (job->finished_size < groups) job->finished.reset(new std::atomic<int>[groups]), job->finished_size = groups;
+  for (int64_t k = 0; k < groups; ++k) job->finished[k].store(0, std::memory_order_relaxed);
   job->y.resize(P * H);
   if (P > 0) {
     const bool par = (int64_t(job->group_begin.size()) - 1) * job->row_bytes >= min_parallel_bytes();
@@ -659,14 +703,14 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, con
   }
 
   // Sum the contributions in list order, rounding as the jnp graph does.
-  std::vector<float> acc(N * H, 0.0f);
-  if (acc_in != nullptr) {
-    if (bf16) {
-      const uint16_t* ab = static_cast<const uint16_t*>(acc_in);
-      for (int64_t j = 0; j < N * H; ++j) acc[j] = bf16_to_f32(ab[j]);
-    } else {
-      std::memcpy(acc.data(), acc_in, N * H * sizeof(float));
-    }
+  float* acc = scratch(5, N * H);
+  if (acc_in == nullptr) {
+    std::fill(acc, acc + N * H, 0.0f);
+  } else if (bf16) {
+    const uint16_t* ab = static_cast<const uint16_t*>(acc_in);
+    for (int64_t j = 0; j < N * H; ++j) acc[j] = bf16_to_f32(ab[j]);
+  } else {
+    std::memcpy(acc, acc_in, N * H * sizeof(float));
   }
   for (int64_t p = 0; p < P; ++p) {
     const Contribution& c = job->list[p];
@@ -682,7 +726,7 @@ ffi::Error Run(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, con
     uint16_t* ob = static_cast<uint16_t*>(out->untyped_data());
     for (int64_t j = 0; j < N * H; ++j) ob[j] = f32_to_bf16(acc[j]);
   } else {
-    std::memcpy(out->untyped_data(), acc.data(), N * H * sizeof(float));
+    std::memcpy(out->untyped_data(), acc, N * H * sizeof(float));
   }
   return ffi::Error::Success();
 }
@@ -704,13 +748,12 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, 
   if (d.size() != 2 || weights.dimensions().size() != 2 || weights.dimensions()[0] != d[0] ||
       weights.dimensions()[1] != d[1] || x.dimensions().size() != 2 || x.dimensions()[0] != d[0])
     return ffi::Error::InvalidArgument("moejax experts decode: ids, weights [N, k] and x [N, H] expected");
-  std::vector<Contribution> list;
-  list.reserve(d[0] * d[1]);
+  auto job = reuse<Job>();
   for (int64_t n = 0; n < d[0]; ++n)
     for (int64_t j = 0; j < d[1]; ++j)
-      list.push_back({int32_t(n), ids.typed_data()[n * d[1] + j], weights.typed_data()[n * d[1] + j]});
+      job->list.push_back({int32_t(n), ids.typed_data()[n * d[1] + j], weights.typed_data()[n * d[1] + j]});
   const Quant q = quant_of(bits, group_h, group_i, x.dimensions()[1], inter);
-  return Run(pool, x, stack, q, inter, std::move(list), nullptr, out);
+  return Run(pool, x, stack, q, inter, std::move(job), nullptr, out);
 }
 
 // Prefill: for each position p in order with ok[p], every token routed (idx) to expert ids[p]
@@ -725,7 +768,7 @@ ffi::Error Ordered(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack,
       x.dimensions()[0] != d[0] || weights.element_count() != d[0] * d[1] || acc.element_type() != x.element_type())
     return ffi::Error::InvalidArgument("moejax experts ordered: shapes do not agree");
   const int64_t N = d[0], k = d[1];
-  std::vector<Contribution> list;
+  auto job = reuse<Job>();
   const bool* okp = ok.typed_data();
   for (int64_t p = 0; p < G; ++p) {
     if (!okp[p]) continue;
@@ -735,11 +778,11 @@ ffi::Error Ordered(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack,
       bool hit = false;
       for (int64_t j = 0; j < k; ++j)
         if (idx.typed_data()[n * k + j] == e) w += weights.typed_data()[n * k + j], hit = true;
-      if (hit) list.push_back({int32_t(n), rows.typed_data()[p], w});
+      if (hit) job->list.push_back({int32_t(n), rows.typed_data()[p], w});
     }
   }
   const Quant q = quant_of(bits, group_h, group_i, x.dimensions()[1], inter);
-  return Run(pool, x, stack, q, inter, std::move(list), acc.untyped_data(), out);
+  return Run(pool, x, stack, q, inter, std::move(job), acc.untyped_data(), out);
 }
 
 // ---- linear layers: y [N, O] = x [N, H] @ w [H, O] (or w stored [O, H], transposed) ---------
@@ -760,6 +803,7 @@ struct Linear {
   std::vector<float> y;  // [parts, N, O]: partial sums (w [H, O]), or [1, N, O] (transposed)
   int64_t block;         // rows of w per task
   std::atomic<int64_t> next{0}, done{0};
+  void reset() { next.store(0, std::memory_order_relaxed), done.store(0, std::memory_order_relaxed); }
 };
 
 template <typename W>
@@ -822,16 +866,16 @@ ffi::Error LinearImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, 
   const auto wt = w.element_type();
   if (wt != ffi::DataType::F32 && wt != ffi::DataType::BF16 && wt != ffi::DataType::U16)
     return ffi::Error::InvalidArgument("moejax linear: w must be float32, bfloat16 or uint16 bits");
-  auto L = std::make_shared<Linear>();
+  auto L = reuse<Linear>();
   L->N = xd[0], L->H = xd[1], L->O = T ? wd[0] : wd[1];
-  std::vector<float> xf(L->N * L->H);
+  float* xf = scratch(4, L->N * L->H);
   if (bf16) {
     const uint16_t* xb = static_cast<const uint16_t*>(x.untyped_data());
     for (int64_t j = 0; j < L->N * L->H; ++j) xf[j] = bf16_to_f32(xb[j]);
   } else {
-    std::memcpy(xf.data(), x.untyped_data(), xf.size() * sizeof(float));
+    std::memcpy(xf, x.untyped_data(), L->N * L->H * sizeof(float));
   }
-  L->x = xf.data(), L->w = w.untyped_data();
+  L->x = xf, L->w = w.untyped_data();
   const int64_t n = L->N * L->O;
   if (n > 0) {
     if (wt == ffi::DataType::F32) linear_run<float, T>(pool, L);
