@@ -137,8 +137,6 @@ def bound_steps(model):
         return cached[1]
     leaves, treedef = jax.tree.flatten(model.state)
     graphdef = model.graphdef
-    model._bound_chunk = partial(jax.jit(lambda leaves, *a: decode_steps(graphdef, jax.tree.unflatten(treedef, leaves), *a),
-                                         static_argnums=(8, 9), donate_argnums=(2,), compiler_options=NO_HOIST), leaves)
 
     @partial(jax.jit, static_argnums=(5, 6), donate_argnums=(2,))
     def prefill(leaves, tokens, cache, last, key, temperature, top_p):
@@ -148,9 +146,20 @@ def bound_steps(model):
     def decode(leaves, token, cache, pos, key, temperature, top_p):
         return decode_step(graphdef, jax.tree.unflatten(treedef, leaves), token, cache, pos, key, temperature, top_p)
 
+    @partial(jax.jit, static_argnums=(8, 9), donate_argnums=(2,), compiler_options=NO_HOIST)
+    def chunk(leaves, token, cache, pos, keys, n, done, stop, temperature, top_p):
+        return decode_steps(graphdef, jax.tree.unflatten(treedef, leaves), token, cache, pos, keys, n, done, stop,
+                            temperature, top_p)
+
     steps = (partial(prefill, leaves), partial(decode, leaves))
-    model._bound_steps = (model.state, steps)
+    model._bound_steps = (model.state, steps, partial(chunk, leaves))
     return steps
+
+
+def bound_chunk(model):
+    """decode_steps of `model`, bound as bound_steps binds its steps (and cached with them)."""
+    bound_steps(model)
+    return model._bound_steps[2]
 
 
 def pad_prompt(prompt: np.ndarray) -> np.ndarray:
@@ -160,17 +169,16 @@ def pad_prompt(prompt: np.ndarray) -> np.ndarray:
     return np.pad(prompt, ((0, 0), (0, Tp - T)))
 
 
-def generation_loop(prefill: Callable, step: Callable, prompt: np.ndarray, max_new_tokens: int, seed: int = 0,
+def generation_loop(prefill: Callable, step: Callable | None, prompt: np.ndarray, max_new_tokens: int, seed: int = 0,
                     stop_ids=(), on_token: Callable[[np.ndarray], None] | None = None,
                     steps: Callable | None = None) -> Generation:
     """The loop every engine shares. prefill(padded [B, Tp], T, key) -> first token [B];
     step(token [B], pos, key) -> next token [B]. Each token is read back to the host (the
     stop check needs it), which synchronises the step it came from. With `steps` (the resident
-    model), steps(token [B], pos, keys [CHUNK, 2], n, done [B], stop) -> tokens [B, CHUNK] runs up
-    to n steps per call instead (see decode_steps); on_token then sees each chunk's tokens one
-    by one when the chunk returns."""
+    model) instead of `step`, steps(token [B], pos, keys [CHUNK, 2], n, done [B], stop) ->
+    tokens [B, CHUNK] runs up to n steps per call (see decode_steps); on_token then sees each
+    chunk's tokens one by one when the chunk returns."""
     B, T = prompt.shape
-    steps_fn = steps
     subkeys = np.asarray(key_chain(jax.random.PRNGKey(seed), max(max_new_tokens, 1)))  # host copies: no dispatch per step
     stop = np.asarray(list(stop_ids), np.int32)
     stop_pad = np.full(-(-max(len(stop), 1) // 4) * 4, -1, np.int32)  # one shape for up to 4 stop ids: no recompile
@@ -182,31 +190,28 @@ def generation_loop(prefill: Callable, step: Callable, prompt: np.ndarray, max_n
     # alive for as long as the output list holds the token
     tok_host = np.array(tok)
     ttft = time.perf_counter() - t0
-    out, steps = [tok_host], []
+    out, step_s = [tok_host], []
     done = np.isin(tok_host, stop)
     if on_token:
         on_token(tok_host)
     i = 1
     while i < max_new_tokens and not done.all():
         t = time.perf_counter()
-        if steps_fn is None:
+        if steps is None:
             tok = step(tok, T + i - 1, subkeys[i])
             chunk = [np.array(tok)]
         else:
             n = min(CHUNK, max_new_tokens - i)
             keys = np.zeros((CHUNK, *subkeys.shape[1:]), subkeys.dtype)
             keys[:n] = subkeys[i:i + n]
-            toks = np.array(steps_fn(np.asarray(tok), T + i - 1, keys, n, done, stop_pad))  # [B, CHUNK]
-            chunk, d = [], done.copy()
-            for j in range(n):  # the steps it ran: n, or until every row was done
-                chunk.append(toks[:, j])
-                d |= np.isin(toks[:, j], stop)
-                if d.all():
-                    break
+            toks = np.array(steps(np.asarray(tok), T + i - 1, keys, n, done, stop_pad))[:, :n]  # [B, n]
+            # the steps it ran: n, or up to the first at which every row was done
+            all_done = (done[:, None] | np.logical_or.accumulate(np.isin(toks, stop), axis=1)).all(axis=0)
+            chunk = list(toks[:, :int(np.argmax(all_done)) + 1 if all_done.any() else n].T)
             tok = chunk[-1]
         dt = (time.perf_counter() - t) / len(chunk)
         for tok_host in chunk:
-            steps.append(dt)
+            step_s.append(dt)
             out.append(tok_host)
             done |= np.isin(tok_host, stop)
             if on_token:
@@ -217,7 +222,7 @@ def generation_loop(prefill: Callable, step: Callable, prompt: np.ndarray, max_n
     for row in ids:
         hits = np.nonzero(np.isin(row, stop))[0]
         tokens.append(row[: hits[0] + 1].tolist() if len(hits) else row.tolist())
-    return Generation(tokens, ttft, steps)
+    return Generation(tokens, ttft, step_s)
 
 
 def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -230,7 +235,8 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p
     prompt = np.asarray(prompt, np.int32)
     B, T = prompt.shape
     S = cache_length(T, max_new_tokens)
-    prefill_fn, decode_fn = bound_steps(model)
+    prefill_fn, _ = bound_steps(model)
+    chunk_fn = bound_chunk(model)
     temperature, top_p = float(temperature), float(top_p)
     cache = None
 
@@ -240,22 +246,17 @@ def generate(model, prompt, max_new_tokens: int, temperature: float = 0.0, top_p
         tok, _, cache = prefill_fn(padded, cache, np.int32(T - 1), key, temperature, top_p)
         return tok
 
-    def step(tok, pos, key):
-        nonlocal cache
-        tok, _, cache = decode_fn(tok, cache, np.int32(pos), key, temperature, top_p)
-        return tok
-
     def steps(tok, pos, keys, n, done, stop):
         nonlocal cache
-        toks, cache = model._bound_chunk(tok, cache, np.int32(pos), keys, np.int32(n), done, stop, temperature, top_p)
+        toks, cache = chunk_fn(tok, cache, np.int32(pos), keys, np.int32(n), done, stop, temperature, top_p)
         return toks
 
     warmup_s = 0.0
     if warmup:
         t0 = time.perf_counter()
-        generation_loop(prefill, step, prompt, 3, seed, steps=steps)
+        generation_loop(prefill, None, prompt, 2, seed, steps=steps)
         warmup_s = time.perf_counter() - t0
-    g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token, steps=steps)
+    g = generation_loop(prefill, None, prompt, max_new_tokens, seed, stop_ids, on_token, steps=steps)
     g.warmup_s = warmup_s
     return g
 
