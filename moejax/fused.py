@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.errors import MoejaxError
-from moejax.generate import OffloadedGeneration, sample
+from moejax.generate import CHUNK, NO_HOIST, OffloadedGeneration, sample, step_loop
 from moejax.metrics import Telemetry
 from moejax.model import layers as L
 from moejax.model import moe
@@ -277,16 +277,24 @@ class FusedEngine(OffloadedGeneration):
 
     # ---- programs -----------------------------------------------------------------------
     def _decode_fn(self, temperature, top_p):
-        def step(params, stacks, pool, kv, state, token, pos, key):
-            """token [B] at position pos -> (next token [B], logits [B, V], pool, kv, state)."""
+        def steps(params, stacks, pool, kv, state, token, pos, keys, n, done, stop):
+            """Up to n decode steps (generate.step_loop; keys [C, 2], done [B], stop [s]): token
+            [B] at position pos -> (tokens [B, C], the last step's logits [B, V], pool, kv, state)."""
             params = jax.tree.unflatten(self._param_def, params)
             module = nnx.merge(self.graphdef, params)
-            x = module.embed_tokens(token[:, None])  # [B, 1, H]
-            state = self._packer.unpack(state)
-            module, x, pool, kv, state = self._run_layers(params, stacks, pool, kv, state, x, pos)
-            logits = module.logits(x)[:, 0]  # [B, V]
-            return sample(logits, key, temperature, top_p), logits, pool, kv, self._packer.pack(state)
-        return step
+
+            def step(carry, tok, pos, key):
+                pool, kv, state, _ = carry
+                x = module.embed_tokens(tok[:, None])  # [B, 1, H]
+                _, x, pool, kv, state = self._run_layers(params, stacks, pool, kv, state, x, pos)
+                logits = module.logits(x)[:, 0]  # [B, V]
+                return sample(logits, key, temperature, top_p), (pool, kv, state, logits)
+
+            logits = jnp.zeros((token.shape[0], self.config.vocab_size), jnp.float32)
+            out, (pool, kv, state, logits) = step_loop(step, token, (pool, kv, self._packer.unpack(state), logits),
+                                                       pos, keys, n, done, stop)
+            return out, logits, pool, kv, self._packer.pack(state)
+        return steps
 
     def _prefill_fn(self, temperature, top_p):
         def prefill(params, stacks, pool, kv, state, tokens, T, key):
@@ -302,11 +310,19 @@ class FusedEngine(OffloadedGeneration):
             return sample(logits, key, temperature, top_p), logits, pool, kv, self._packer.pack(state)
         return prefill
 
-    def _args(self, x, pos, key):
+    def _args(self, x, pos, *rest):
         # a token array the last step returned goes back in as it is: through numpy it would
         # be read back and transferred again (~0.2 ms a step on 2 CPU cores)
         x = x if isinstance(x, jax.Array) and x.dtype == jnp.int32 else np.asarray(x, np.int32)
-        return (self._param_leaves, self.stacks, self.pool, tuple(self.kv), self._packed, x, np.int32(pos), key)
+        return (self._param_leaves, self.stacks, self.pool, tuple(self.kv), self._packed, x, np.int32(pos), *rest)
+
+    def _decode_args(self, token, pos, keys=None, n=1, done=None, stop=None):
+        """The decode program's arguments; by default one step sampled with PRNGKey(0)."""
+        if keys is None:
+            keys = np.zeros((CHUNK, 2), np.uint32)
+        done = np.zeros(self.batch, bool) if done is None else np.asarray(done, bool)
+        stop = np.full(4, -1, np.int32) if stop is None else np.asarray(stop, np.int32)
+        return self._args(token, pos, np.asarray(keys, np.uint32), np.int32(n), done, stop)
 
     def _ensure(self, programs, temperature: float, top_p: float) -> None:
         """Compile ahead of time the programs {kind: args} not compiled yet for these argument
@@ -315,10 +331,12 @@ class FusedEngine(OffloadedGeneration):
         t0 = time.perf_counter()
         todo = {}
         for kind, args in programs.items():
-            key = (kind, args[5].shape, temperature, top_p)
+            key = _program_key(kind, args, temperature, top_p)
             if key not in self.compiled_programs:
                 fn = (self._decode_fn if kind == "decode" else self._prefill_fn)(temperature, top_p)
-                todo[key] = jax.jit(fn, donate_argnums=(2, 3, 4)).lower(*args)
+                # the decode loop: as generate.bound_steps' (no hoisting of the embedding's convert)
+                opts = NO_HOIST if kind == "decode" else None
+                todo[key] = jax.jit(fn, donate_argnums=(2, 3, 4), compiler_options=opts).lower(*args)
         if not todo:
             return
         compiled = [lowered.compile() for lowered in todo.values()]  # side by side in threads: no faster
@@ -354,18 +372,18 @@ class FusedEngine(OffloadedGeneration):
             raise MoejaxError(f"--vram-budget {spec[1] / 2**20:.2f} MiB is below the minimum of "
                               f"{self.plan.budget_bytes / 2**20:.2f} MiB for the fused engine ({self.plan.describe()})")
 
-    def _run(self, kind, x, pos, key, temperature, top_p):
-        args = self._args(x, pos, key)
-        pkey = (kind, args[5].shape, temperature, top_p)
+    def _run(self, kind, make_args, temperature, top_p):
+        args = make_args()
+        pkey = _program_key(kind, args, temperature, top_p)
         if pkey not in self.compiled_programs:
             self._ensure({kind: args}, temperature, top_p)
-            args = self._args(x, pos, key)  # the pool may have been rebuilt for the temporaries
+            args = make_args()  # the pool may have been rebuilt for the temporaries
         tok, logits, self.pool, kv, self._packed = self.compiled_programs[pkey](*args)
         self.kv = list(kv)
         return tok, logits
 
     def prepare(self, prompt_len: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
-        """Compile the decode program and the prefill program for prompts of this length now,
+        """Compile the decode program (up to CHUNK steps per call) and the prefill program for prompts of this length now,
         so that the plan (which budgets their temporaries) is final before anything runs. A
         pool resized for the temporaries starts over empty, never in the middle of a sequence."""
         from moejax.generate import pad_prompt
@@ -374,7 +392,7 @@ class FusedEngine(OffloadedGeneration):
         key, temperature, top_p = jax.random.PRNGKey(0), float(temperature), float(top_p)
         for _ in range(4):
             try:
-                self._ensure({"decode": self._args(np.zeros(self.batch, np.int32), 0, key),
+                self._ensure({"decode": self._decode_args(np.zeros(self.batch, np.int32), 0),
                               "prefill": self._args(padded, prompt_len, key)}, temperature, top_p)
                 return
             except _Rebuilt:
@@ -386,13 +404,28 @@ class FusedEngine(OffloadedGeneration):
         if padded.shape[1] > self.cache_len:
             raise ValueError(f"prompt of {padded.shape[1]} tokens exceeds the engine's cache of {self.cache_len}")
         self.prepare(T, temperature, top_p)
-        return self._run("prefill", padded, T, key, float(temperature), float(top_p))
+        return self._run("prefill", lambda: self._args(padded, T, key), float(temperature), float(top_p))
 
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
-        """token [B] at position pos -> (next token [B], logits [B, V])."""
+        """token [B] at position pos -> (next token [B], logits [B, V]): the decode program for one step."""
+        keys = np.zeros((CHUNK, 2), np.uint32)
+        keys[0] = np.asarray(key)
+        tokens, logits = self.steps(token, pos, keys, 1, None, None, temperature, top_p)
+        return tokens[:, 0], logits
+
+    def steps(self, token, pos: int, keys, n: int, done, stop, temperature=0.0, top_p=1.0):
+        """Up to n decode steps in one call (generate.step_loop; keys [CHUNK, 2], done [B] or
+        None, stop ids [s] or None) -> (tokens [B, CHUNK], the last step's logits [B, V])."""
         if not (isinstance(token, jax.Array) and token.shape == (self.batch,)):
             token = np.asarray(token).reshape(self.batch)
-        return self._run("decode", token, pos, key, float(temperature), float(top_p))
+        return self._run("decode", lambda: self._decode_args(token, pos, keys, n, done, stop), float(temperature),
+                         float(top_p))
+
+
+def _program_key(kind: str, args: tuple, temperature: float, top_p: float) -> tuple:
+    """What a compiled program is looked up by: its kind, the shapes of its arguments after the
+    engine state (tokens, keys, stop ids...) and the sampling settings."""
+    return (kind, tuple(np.shape(a) for a in args[5:]), temperature, top_p)
 
 
 class _Rebuilt(Exception):

@@ -74,14 +74,13 @@ def decode_step(graphdef, state, token, cache, pos, key, temperature, top_p):
     return sample(logits, key, temperature, top_p), logits, cache
 
 
-@partial(jax.jit, static_argnums=(0, 9, 10), donate_argnums=(3,))
-def decode_steps(graphdef, state, token, cache, pos, keys, n, done, stop, temperature, top_p):
-    """Up to n decode steps in one program: token [B] at position pos, keys [C, 2] (step i
-    samples with keys[i]; n <= C), done [B] (rows that already hit a stop id), stop [s] ->
-    tokens [B, C] (the first `count` columns generated), cache. It stops after step i once
-    every row is done, so count = n, or the first i + 1 at which every row is done (the host
-    finds it from the tokens). Each step is decode_step's computation."""
-    model = nnx.merge(graphdef, state)
+def step_loop(step, token, carry, pos, keys, n, done, stop):
+    """Up to n decode steps in one lax.while_loop. step(carry, token [B], pos, key) -> (next
+    token [B], carry); step i runs at position pos + i and samples with keys[i] (keys [C, 2],
+    n <= C); done [B]: rows that already hit a stop id (of stop [s]). It stops after step i
+    once every row is done, so it runs n steps, or the first i + 1 at which every row is done
+    (the host finds which from the tokens). -> (tokens [B, C], the first that many columns
+    generated; carry)."""
     B, C = token.shape[0], keys.shape[0]
 
     def cond(c):
@@ -89,14 +88,26 @@ def decode_steps(graphdef, state, token, cache, pos, keys, n, done, stop, temper
         return (i < n) & ~jnp.all(done)
 
     def body(c):
-        i, tok, cache, out, done = c
-        logits, cache = model(tok[:, None], cache, pos + i)
-        tok = sample(logits[:, 0], keys[i], temperature, top_p)
-        return i + 1, tok, cache, out.at[:, i].set(tok), done | jnp.isin(tok, stop)
+        i, tok, carry, out, done = c
+        tok, carry = step(carry, tok, pos + i, keys[i])
+        return i + 1, tok, carry, out.at[:, i].set(tok), done | jnp.isin(tok, stop)
 
-    init = (jnp.int32(0), token, cache, jnp.zeros((B, C), jnp.int32), done)
-    _, _, cache, out, _ = jax.lax.while_loop(cond, body, init)
-    return out, cache
+    init = (jnp.int32(0), token, carry, jnp.zeros((B, C), jnp.int32), done)
+    _, _, carry, out, _ = jax.lax.while_loop(cond, body, init)
+    return out, carry
+
+
+@partial(jax.jit, static_argnums=(0, 9, 10), donate_argnums=(3,))
+def decode_steps(graphdef, state, token, cache, pos, keys, n, done, stop, temperature, top_p):
+    """Up to n of decode_step's steps in one program (step_loop): token [B] at position pos,
+    keys [C, 2], done [B], stop [s] -> tokens [B, C], cache."""
+    model = nnx.merge(graphdef, state)
+
+    def step(cache, tok, pos, key):
+        logits, cache = model(tok[:, None], cache, pos)
+        return sample(logits[:, 0], key, temperature, top_p), cache
+
+    return step_loop(step, token, cache, pos, keys, n, done, stop)
 
 
 @dataclasses.dataclass
@@ -175,7 +186,7 @@ def generation_loop(prefill: Callable, step: Callable | None, prompt: np.ndarray
     """The loop every engine shares. prefill(padded [B, Tp], T, key) -> first token [B];
     step(token [B], pos, key) -> next token [B]. Each token is read back to the host (the
     stop check needs it), which synchronises the step it came from. With `steps` (the resident
-    model) instead of `step`, steps(token [B], pos, keys [CHUNK, 2], n, done [B], stop) ->
+    model, the fused engine) instead of `step`, steps(token [B], pos, keys [CHUNK, 2], n, done [B], stop) ->
     tokens [B, CHUNK] runs up to n steps per call (see decode_steps); on_token then sees each
     chunk's tokens one by one when the chunk returns."""
     B, T = prompt.shape
@@ -283,15 +294,18 @@ class OffloadedGeneration:
         temperature, top_p = float(temperature), float(top_p)
         prefill = lambda p, T, k: self.prefill(p, T, k, temperature, top_p)[0]  # noqa: E731
         step = lambda tok, pos, k: self.step(tok, pos, k, temperature, top_p)[0]  # noqa: E731
+        # an engine that runs several steps per call (the fused one) gets them asked in chunks
+        steps = (lambda tok, pos, keys, n, done, stop: self.steps(tok, pos, keys, n, done, stop, temperature,  # noqa: E731
+                                                                   top_p)[0]) if hasattr(self, "steps") else None
         warmup_s = 0.0
         if warmup:
             t0 = time.perf_counter()
-            generation_loop(prefill, step, prompt, self.warmup_tokens, seed)
+            generation_loop(prefill, step, prompt, self.warmup_tokens, seed, steps=steps)
             warmup_s = time.perf_counter() - t0
             self.reset()
         self._t = Telemetry(peak_device_bytes=self._t.peak_device_bytes)
         self.state = {**self.state, "counters": jax.tree.map(jnp.zeros_like, self.state["counters"])}
-        g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token)
+        g = generation_loop(prefill, step, prompt, max_new_tokens, seed, stop_ids, on_token, steps=steps)
         g.warmup_s = warmup_s
         self._t.ttft_s, self._t.step_s = g.ttft_s, g.step_s
         return g

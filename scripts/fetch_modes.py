@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     from moejax.api import load_tokenizer, resolve
     from moejax.bench import machine, prompt_tokens
     from moejax.fused import FusedEngine
-    from moejax.generate import cache_length
+    from moejax.generate import NO_HOIST, cache_length
     from moejax.offload.budget import parse_budget
     from moejax.offload.store import load_parts
 
@@ -250,8 +250,8 @@ def main(argv=None) -> int:
                 rec["fetch_slots_match_hlo"] = rec["cpu"]["pool_dus"] == slots
                 if h200 and not e.full:  # a full pool's program has no fetches: nothing to see
                     # the engine's own decode function and arguments, as FusedEngine._ensure compiles them
-                    fn = jax.jit(e._decode_fn(0.0, 1.0), donate_argnums=(2, 3, 4))
-                    args = e._args(np.zeros(batch, np.int32), 0, jax.random.PRNGKey(0))
+                    fn = jax.jit(e._decode_fn(0.0, 1.0), donate_argnums=(2, 3, 4), compiler_options=NO_HOIST)
+                    args = e._decode_args(np.zeros(batch, np.int32), 0)
                     t0 = time.perf_counter()
                     rec["h200"] = h200_hlo_check(h200(fn, *args), e.pool.shape)
                     rec["h200"]["compile_s"] = time.perf_counter() - t0
