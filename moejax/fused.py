@@ -28,7 +28,8 @@ import numpy as np
 from flax import nnx
 
 from moejax.errors import MoejaxError
-from moejax.generate import CHUNK, NO_HOIST, OffloadedGeneration, sample, step_loop
+from moejax import generate
+from moejax.generate import NO_HOIST, OffloadedGeneration, sample, step_loop
 from moejax.metrics import Telemetry
 from moejax.model import layers as L
 from moejax.model import moe
@@ -319,7 +320,7 @@ class FusedEngine(OffloadedGeneration):
     def _decode_args(self, token, pos, keys=None, n=1, done=None, stop=None):
         """The decode program's arguments; by default one step sampled with PRNGKey(0)."""
         if keys is None:
-            keys = np.zeros((CHUNK, 2), np.uint32)
+            keys = np.zeros((generate.CHUNK, 2), np.uint32)
         done = np.zeros(self.batch, bool) if done is None else np.asarray(done, bool)
         stop = np.full(4, -1, np.int32) if stop is None else np.asarray(stop, np.int32)
         return self._args(token, pos, np.asarray(keys, np.uint32), np.int32(n), done, stop)
@@ -383,7 +384,7 @@ class FusedEngine(OffloadedGeneration):
         return tok, logits
 
     def prepare(self, prompt_len: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
-        """Compile the decode program (up to CHUNK steps per call) and the prefill program for prompts of this length now,
+        """Compile the decode program (up to generate.CHUNK steps per call) and the prefill program for prompts of this length now,
         so that the plan (which budgets their temporaries) is final before anything runs. A
         pool resized for the temporaries starts over empty, never in the middle of a sequence."""
         from moejax.generate import pad_prompt
@@ -408,14 +409,14 @@ class FusedEngine(OffloadedGeneration):
 
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
         """token [B] at position pos -> (next token [B], logits [B, V]): the decode program for one step."""
-        keys = np.zeros((CHUNK, 2), np.uint32)
+        keys = np.zeros((generate.CHUNK, 2), np.uint32)
         keys[0] = np.asarray(key)
         tokens, logits = self.steps(token, pos, keys, 1, None, None, temperature, top_p)
         return tokens[:, 0], logits
 
     def steps(self, token, pos: int, keys, n: int, done, stop, temperature=0.0, top_p=1.0):
-        """Up to n decode steps in one call (generate.step_loop; keys [CHUNK, 2], done [B] or
-        None, stop ids [s] or None) -> (tokens [B, CHUNK], the last step's logits [B, V])."""
+        """Up to n decode steps in one call (generate.step_loop; keys [generate.CHUNK, 2], done [B] or
+        None, stop ids [s] or None) -> (tokens [B, generate.CHUNK], the last step's logits [B, V])."""
         if not (isinstance(token, jax.Array) and token.shape == (self.batch,)):
             token = np.asarray(token).reshape(self.batch)
         return self._run("decode", lambda: self._decode_args(token, pos, keys, n, done, stop), float(temperature),

@@ -150,10 +150,11 @@ def main(argv=None) -> int:
                 return toks["step"]
 
             def call(i, e=e, toks=toks, program=program):
-                args = list(e._args(toks["program"], a.prompt_len + i, key))
+                args = list(e._decode_args(toks["program"], a.prompt_len + i))  # one step (n = 1)
                 args[5] = toks["program"]  # a device token, as `generate` passes it
                 res = program(*args)
-                toks["program"], _, e.pool, kv = res[:4]
+                tokens, _, e.pool, kv = res[:4]
+                toks["program"] = tokens[:, 0]
                 e.kv = list(kv)
                 if hasattr(e, "_packed"):
                     e._packed = res[4]

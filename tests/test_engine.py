@@ -108,6 +108,28 @@ def test_engines_make_the_same_decisions(models, policy, alpha):
         assert out["fused"][2] > 0
 
 
+def test_fused_chunks_stop_where_one_step_per_dispatch_stops(models):
+    """The fused engine runs up to CHUNK decode steps per call and ends a call early once every
+    row has hit a stop id. Batch 2, smoe at 50%: one row stops at its first token, the other
+    inside the second chunk. The tokens, what on_token saw and every decision counter are the
+    stepwise engine's (one step per dispatch), so no step ran past the last stop."""
+    path, model = models["qwen2_moe"]
+    prompt = _prompt(model, batch=2, seed=5)
+    free = _engine("stepwise", path, "smoe", ("pct", 0.5), batch=2, alpha=0.5).generate(prompt, 40).tokens
+    # row r: a token new at step j, in neither row before; the other row stops on its first token
+    r, j = next((r, j) for j in range(17, 31) for r in (0, 1)
+                if free[r][j] not in free[r][:j] + free[1 - r][:j + 1] and free[1 - r][0] not in free[r][:j + 1])
+    stop = (free[r][j], free[1 - r][0])
+    out = {}
+    for kind in ENGINES:
+        e = _engine(kind, path, "smoe", ("pct", 0.5), batch=2, alpha=0.5)
+        seen = []
+        g = e.generate(prompt, 40, stop_ids=stop, on_token=seen.append)
+        out[kind] = (g.tokens, np.stack(seen).tolist(), _decisions(e.telemetry.summary()), e.telemetry.substituted)
+    assert out["fused"] == out["stepwise"]
+    assert out["fused"][0][r] == free[r][:j + 1] and len(out["fused"][1]) == j + 1
+
+
 def test_offloaded_logits_match_resident_batch2(models):
     """Teacher-forced logits at every step, batch 2, 50% budget: the fused engine's are the
     resident model's bit for bit (the same expert arithmetic in the same order)."""
