@@ -502,7 +502,7 @@ def cmd_eval_tasks(args) -> None:
         lengths = {-(-(len(c) if prefix is None else min(prefix, len(c))) // PAD) * PAD
                    for p in prepared for c in p.contexts}
         for n in sorted(lengths):
-            engine.prepare(n)
+            engine.prepare(n, chunk=1)  # scoring runs one decode step per call
     substitutes = policy in ("score-sub", "smoe")
     subst = f", {sub.describe()}" if substitutes else ""
     header = (f"model {args.model or model.path} ({cfg.model_type}, {model.dtype.name}); policy {policy}{subst}; "

@@ -144,6 +144,7 @@ class FusedEngine(OffloadedGeneration):
         self._budget, self.per_layer = budget, per_layer
         self.compiled_programs: dict = {}
         self.compile_s = 0.0
+        self._chunk = None  # decode steps per call of the program prepare() compiled (None: generate.CHUNK)
         self._build(plan_budget(cfg, np.dtype(self.dtype).itemsize, batch, cache_len, budget, staging=1))
 
     # ---- state --------------------------------------------------------------------------
@@ -280,7 +281,8 @@ class FusedEngine(OffloadedGeneration):
     def _decode_fn(self, temperature, top_p):
         def steps(params, stacks, pool, kv, state, token, pos, keys, n, done, stop):
             """Up to n decode steps (generate.step_loop; keys [C, 2], done [B], stop [s]): token
-            [B] at position pos -> (tokens [B, C], the last step's logits [B, V], pool, kv, state)."""
+            [B] at position pos -> (tokens [B, C], the last step's token [B] and logits [B, V],
+            pool, kv, state)."""
             params = jax.tree.unflatten(self._param_def, params)
             module = nnx.merge(self.graphdef, params)
 
@@ -292,9 +294,9 @@ class FusedEngine(OffloadedGeneration):
                 return sample(logits, key, temperature, top_p), (pool, kv, state, logits)
 
             logits = jnp.zeros((token.shape[0], self.config.vocab_size), jnp.float32)
-            out, (pool, kv, state, logits) = step_loop(step, token, (pool, kv, self._packer.unpack(state), logits),
-                                                       pos, keys, n, done, stop)
-            return out, logits, pool, kv, self._packer.pack(state)
+            out, last, (pool, kv, state, logits) = step_loop(step, token, (pool, kv, self._packer.unpack(state), logits),
+                                                             pos, keys, n, done, stop)
+            return out, last, logits, pool, kv, self._packer.pack(state)
         return steps
 
     def _prefill_fn(self, temperature, top_p):
@@ -379,21 +381,26 @@ class FusedEngine(OffloadedGeneration):
         if pkey not in self.compiled_programs:
             self._ensure({kind: args}, temperature, top_p)
             args = make_args()  # the pool may have been rebuilt for the temporaries
-        tok, logits, self.pool, kv, self._packed = self.compiled_programs[pkey](*args)
+        *out, self.pool, kv, self._packed = self.compiled_programs[pkey](*args)
         self.kv = list(kv)
-        return tok, logits
+        return out
 
-    def prepare(self, prompt_len: int, temperature: float = 0.0, top_p: float = 1.0) -> None:
-        """Compile the decode program (up to generate.CHUNK steps per call) and the prefill program for prompts of this length now,
-        so that the plan (which budgets their temporaries) is final before anything runs. A
-        pool resized for the temporaries starts over empty, never in the middle of a sequence."""
+    def prepare(self, prompt_len: int, temperature: float = 0.0, top_p: float = 1.0, chunk: int | None = None) -> None:
+        """Compile the prefill program for prompts of this length and the decode program of
+        `chunk` steps per call (default generate.CHUNK, what `generate` runs; 1: the one-step
+        program of `step`, what teacher-forced evaluation runs) now, so that the plan (which
+        budgets their temporaries) is final before anything runs. A pool resized for the
+        temporaries starts over empty, never in the middle of a sequence. Later prefills
+        keep the last prepared decode program ready."""
         from moejax.generate import pad_prompt
 
+        self._chunk = generate.CHUNK if chunk is None else chunk
         padded = pad_prompt(np.zeros((self.batch, prompt_len), np.int32))
         key, temperature, top_p = jax.random.PRNGKey(0), float(temperature), float(top_p)
+        keys = np.zeros((self._chunk, 2), np.uint32)
         for _ in range(4):
             try:
-                self._ensure({"decode": self._decode_args(np.zeros(self.batch, np.int32), 0),
+                self._ensure({"decode": self._decode_args(np.zeros(self.batch, np.int32), 0, keys),
                               "prefill": self._args(padded, prompt_len, key)}, temperature, top_p)
                 return
             except _Rebuilt:
@@ -404,19 +411,22 @@ class FusedEngine(OffloadedGeneration):
         """padded [B, Tp] prompt (T real tokens) -> (first token [B], logits [B, V])."""
         if padded.shape[1] > self.cache_len:
             raise ValueError(f"prompt of {padded.shape[1]} tokens exceeds the engine's cache of {self.cache_len}")
-        self.prepare(T, temperature, top_p)
-        return self._run("prefill", lambda: self._args(padded, T, key), float(temperature), float(top_p))
+        self.prepare(T, temperature, top_p, self._chunk)
+        return tuple(self._run("prefill", lambda: self._args(padded, T, key), float(temperature), float(top_p)))
 
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
         """token [B] at position pos -> (next token [B], logits [B, V]): the decode program for one step."""
-        keys = np.zeros((generate.CHUNK, 2), np.uint32)
-        keys[0] = np.asarray(key)
-        tokens, logits = self.steps(token, pos, keys, 1, None, None, temperature, top_p)
-        return tokens[:, 0], logits
+        keys = np.asarray(key, np.uint32).reshape(1, 2)  # a program of one step, no loop (step_loop)
+        _, tok, logits = self._steps(token, pos, keys, 1, None, None, temperature, top_p)
+        return tok, logits
 
     def steps(self, token, pos: int, keys, n: int, done, stop, temperature=0.0, top_p=1.0):
         """Up to n decode steps in one call (generate.step_loop; keys [generate.CHUNK, 2], done [B] or
         None, stop ids [s] or None) -> (tokens [B, generate.CHUNK], the last step's logits [B, V])."""
+        tokens, _, logits = self._steps(token, pos, keys, n, done, stop, temperature, top_p)
+        return tokens, logits
+
+    def _steps(self, token, pos, keys, n, done, stop, temperature, top_p):
         if not (isinstance(token, jax.Array) and token.shape == (self.batch,)):
             token = np.asarray(token).reshape(self.batch)
         return self._run("decode", lambda: self._decode_args(token, pos, keys, n, done, stop), float(temperature),

@@ -80,8 +80,12 @@ def step_loop(step, token, carry, pos, keys, n, done, stop):
     n <= C); done [B]: rows that already hit a stop id (of stop [s]). It stops after step i
     once every row is done, so it runs n steps, or the first i + 1 at which every row is done
     (the host finds which from the tokens). -> (tokens [B, C], the first that many columns
-    generated; carry)."""
+    generated; the last token generated [B]; carry). With C == 1 it is one step, without a
+    loop (n, done and stop unused)."""
     B, C = token.shape[0], keys.shape[0]
+    if C == 1:
+        tok, carry = step(carry, token, pos, keys[0])
+        return tok[:, None], tok, carry
 
     def cond(c):
         i, _, _, _, done = c
@@ -93,8 +97,8 @@ def step_loop(step, token, carry, pos, keys, n, done, stop):
         return i + 1, tok, carry, out.at[:, i].set(tok), done | jnp.isin(tok, stop)
 
     init = (jnp.int32(0), token, carry, jnp.zeros((B, C), jnp.int32), done)
-    _, _, carry, out, _ = jax.lax.while_loop(cond, body, init)
-    return out, carry
+    _, tok, carry, out, _ = jax.lax.while_loop(cond, body, init)
+    return out, tok, carry
 
 
 @partial(jax.jit, static_argnums=(0, 9, 10), donate_argnums=(3,))
@@ -107,7 +111,8 @@ def decode_steps(graphdef, state, token, cache, pos, keys, n, done, stop, temper
         logits, cache = model(tok[:, None], cache, pos)
         return sample(logits[:, 0], key, temperature, top_p), cache
 
-    return step_loop(step, token, cache, pos, keys, n, done, stop)
+    out, _, cache = step_loop(step, token, cache, pos, keys, n, done, stop)
+    return out, cache
 
 
 @dataclasses.dataclass
@@ -292,6 +297,8 @@ class OffloadedGeneration:
         if prompt.shape[1] + max_new_tokens > self.cache_len:
             raise ValueError(f"prompt + new tokens exceed the engine's cache of {self.cache_len}")
         temperature, top_p = float(temperature), float(top_p)
+        if hasattr(self, "prepare"):  # the fused engine: its programs for generation (CHUNK steps per call)
+            self.prepare(prompt.shape[1], temperature, top_p)
         prefill = lambda p, T, k: self.prefill(p, T, k, temperature, top_p)[0]  # noqa: E731
         step = lambda tok, pos, k: self.step(tok, pos, k, temperature, top_p)[0]  # noqa: E731
         # an engine that runs several steps per call (the fused one) gets them asked in chunks

@@ -142,7 +142,10 @@ def main(argv=None) -> int:
         fns = {"resident bound step": resident_step}
         for name, e in engines.items():
             e.reset()
-            program = next(v for k, v in e.compiled_programs.items() if k[0] == "decode")
+            if hasattr(e, "_decode_args"):  # since dff11b1 the one-step program is another than generate's
+                e.prepare(a.prompt_len, chunk=1)
+            program = next(v for k, v in e.compiled_programs.items()
+                           if k[0] == "decode" and (not hasattr(e, "_decode_args") or k[1][2] == (1, 2)))
             toks = {"step": jnp.zeros(batch, jnp.int32), "program": jnp.zeros(batch, jnp.int32)}
 
             def step(i, e=e, toks=toks):
@@ -150,16 +153,13 @@ def main(argv=None) -> int:
                 return toks["step"]
 
             def call(i, e=e, toks=toks, program=program):
-                args = list(e._decode_args(toks["program"], a.prompt_len + i))  # one step (n = 1)
+                chunked = hasattr(e, "_decode_args")  # since dff11b1: (tokens, last token, logits, ...)
+                args = list(e._decode_args(toks["program"], a.prompt_len + i, key.reshape(1, 2)) if chunked else
+                            e._args(toks["program"], a.prompt_len + i, key))
                 args[5] = toks["program"]  # a device token, as `generate` passes it
                 res = program(*args)
-                tokens, _, e.pool, kv = res[:4]
-                toks["program"] = tokens[:, 0]
+                toks["program"], _, e.pool, kv, e._packed = res[1:] if chunked else res
                 e.kv = list(kv)
-                if hasattr(e, "_packed"):
-                    e._packed = res[4]
-                else:
-                    e.state = res[4]
                 return toks["program"]
 
             fns[f"{name} step"] = step

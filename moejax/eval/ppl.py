@@ -37,6 +37,8 @@ def teacher_forced(engine, tokens: np.ndarray, prefix: int, progress: bool = Fal
     from moejax.generate import pad_prompt
 
     key = jax.random.PRNGKey(0)
+    if hasattr(engine, "prepare"):  # the fused engine: its one-step decode program (not generate's chunks)
+        engine.prepare(prefix, chunk=1)
     _, logits = engine.prefill(pad_prompt(tokens[None, :prefix]), prefix, key)
     out = [np.asarray(logits)[0]]
     for t in tqdm(range(prefix, len(tokens) - 1), desc="decode-mode eval", unit="tok", disable=not progress):
