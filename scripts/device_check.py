@@ -6,6 +6,9 @@ Parts, most wanted first (each writes DIR/NAME.json; a part that fails does not 
 rest; parts not started by --deadline seconds are skipped and say so):
 1. device: the device and its memory kinds (is `pinned_host` there?);
 2. onepass: scripts/onepass_check.py (in-program fetches: async? overlapped with compute?);
+   chunked: the fused engine's 16-step decode program (a while loop whose body reads host
+   memory) against one step per call, on a small random model; if the loop fails or differs
+   here, every later part runs one step per call (generate.CHUNK = 1) and its record says so;
 3. bench_padded: the fused engine on the bundled model with its experts zero-padded to
    Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB experts):
    resident, lru and smoe at 100% and 25%, batch 1 and 3 (issue 11's GPU goals);
@@ -128,15 +131,45 @@ def exactness(model_dir: Path):
     return {"rows": rows, "all_equal": all(r["tokens_equal"] for r in rows)}
 
 
+def chunked(model_dir: Path):
+    """The fused engine's decode program of generate.CHUNK steps per call against one step per
+    call (lru at 25%, 24 tokens, both against the resident model). If the chunked run fails
+    or differs, generate.CHUNK is set to 1 for the rest of the run."""
+    import moejax
+    from moejax import generate
+    from moejax.engine import make_engine
+
+    m = moejax.load(model_dir)
+    prompt = np.random.default_rng(1).integers(0, m.config.vocab_size, (1, 16))
+    ref = m.generate(prompt, 24).tokens
+    chunk, rows = generate.CHUNK, {}
+    for c in (chunk, 1):
+        generate.CHUNK = c
+        try:
+            e = make_engine("fused", model_dir, "lru", ("pct", 0.25), cache_len=64)
+            g = e.generate(prompt, 24, warmup=True)
+            rows[c] = {"tokens_equal": g.tokens == ref, "tpot_ms": g.tpot_ms, "hit_rate": e.telemetry.hit_rate}
+        except Exception as exc:
+            rows[c] = {"error": repr(exc)}
+        finally:
+            generate.CHUNK = chunk
+    ok = rows[chunk].get("tokens_equal", False)
+    if not ok:
+        generate.CHUNK = 1
+    return {"rows": rows, "chunked_ok": ok, "chunk_for_later_parts": generate.CHUNK}
+
+
 def bench(model_dir: Path, alpha: float, batches, trials: int, new_tokens: int, engines, policies,
           budgets=("100%", "25%")):
+    from moejax import generate
     from moejax.bench import machine, markdown, run_bench
     from moejax.offload.budget import parse_budget
 
     records = run_bench(model_dir, [(b, parse_budget(b)) for b in budgets], batches, policies, new_tokens, 16,
                         trials, dict(alpha=alpha, substitute="window", similarity=None, score_window=16),
                         progress=False, engines=engines)
-    return {"meta": machine(), "alpha": alpha, "records": records, "markdown": markdown(records)}
+    return {"meta": machine(), "alpha": alpha, "decode_steps_per_call": generate.CHUNK, "records": records,
+            "markdown": markdown(records)}
 
 
 def onepass(out: Path):
@@ -183,12 +216,13 @@ def main(argv=None) -> int:
     part(a.out, "device", device_info)
     run("onepass", lambda: onepass(a.out))
     with tempfile.TemporaryDirectory() as tmp:
+        small = Path(tmp) / "small"
+        random_checkpoint(small, 256, 4, 16, 4, 128, 256, "float32")
+        run("chunked", lambda: chunked(small))
         run("bench_padded", lambda: bench(padded(Path(tmp)), a.alpha, [1, 3], a.trials, 32, ("fused",),
                                           ["resident", "lru", "smoe"]))
         run("bandwidth", bandwidth)
         run("overlap", overlap)
-        small = Path(tmp) / "small"
-        random_checkpoint(small, 256, 4, 16, 4, 128, 256, "float32")
         run("exactness", lambda: exactness(small))
         bundled = Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe"
         run("bench_bundled", lambda: bench(bundled, a.alpha, [1, 3], a.trials, 32, ("fused", "stepwise"),
