@@ -36,7 +36,7 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
-from moejax.offload.cache import new_pool, read_first, write_fetches
+from moejax.offload.cache import default_fetch_mode, new_pool, read_first, write_fetches
 from moejax.offload.importance import SIMILARITY_MODES, classify
 from moejax.offload.store import Parts
 from moejax.offload.policies import make_policy
@@ -121,14 +121,16 @@ class FusedEngine(OffloadedGeneration):
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
                  similarity: dict[int, np.ndarray] | None = None, score_window: int = 16,
-                 parts: Parts | None = None, link=None, fetch_mode: str = "cond"):
+                 parts: Parts | None = None, link=None, fetch_mode: str | None = None):
         from moejax.offload.store import Link, load_parts
 
         cfg, glob, layers, self.store = parts or load_parts(Path(path))
         if self.store.memory_kind != "pinned_host":
             raise MoejaxError("the fused engine needs pinned_host memory on this backend; use --engine stepwise")
         self.config, self.batch, self.cache_len = cfg, batch, cache_len
-        self.policy_name, self.fetch_mode, self.link = policy, fetch_mode, link or Link()
+        self.device = jax.devices()[0]
+        self.fetch_mode = fetch_mode or default_fetch_mode(self.device)  # cache.write_fetches
+        self.policy_name, self.link = policy, link or Link()
         self.policy = make_policy(policy, alpha, substitute, score_window)
         self.module = Decoder(cfg, glob, layers, offloaded=True)  # dense weights -> device
         self.dtype = self.module.dtype
@@ -139,7 +141,6 @@ class FusedEngine(OffloadedGeneration):
         self.stacks = tuple(self.store.stacks[i] for i in self.moe_ids)  # [E, 3, H, I] (or [E, B]) each, pinned_host
         self.similarity = (None if self.policy.mode not in SIMILARITY_MODES or not similarity else
                            jnp.asarray(np.stack([similarity[i] for i in self.moe_ids]), jnp.float32))
-        self.device = jax.devices()[0]
         self._dense_bytes = sum(x.nbytes for x in jax.tree.leaves(self.params))
         self._budget, self.per_layer = budget, per_layer
         self.compiled_programs: dict = {}

@@ -1,5 +1,6 @@
-"""The fused engine's two fetch modes side by side: "cond" (each in-program fetch inside a
-lax.cond, so a resident expert moves no bytes) and "always" (every fetch slot copies, branch-free).
+"""The fused engine's fetch modes side by side (--modes): "cond" (each in-program fetch inside a
+lax.cond, so a resident expert moves no bytes), "cond-write" (the fetch and its write into the
+pool inside the lax.cond; the CPU default) and "always" (every fetch slot copies, branch-free).
 
     python scripts/fetch_modes.py --trials 7 --new-tokens 64 --json docs/results/cpu_fetch_modes.json \
         [--h200-plugin DIR]
@@ -161,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--batches", default="1,3")
     p.add_argument("--configs", default="100%:lru,25%:lru,25%:smoe", help="budget:policy pairs")
+    p.add_argument("--modes", default="cond,always", help="fetch modes, cond first (ratios are to it)")
     p.add_argument("--alpha", type=float, default=0.3, help="smoe's substitution threshold")
     p.add_argument("--h200-plugin", type=Path, default=None,
                    help="folder holding jax_plugins/xla_cuda12 (pip --target); enables the H200 HLO check")
@@ -199,7 +201,9 @@ def main(argv=None) -> int:
     cfg = parts.config
     tok = load_tokenizer(path)
     S = cache_length(a.prompt_len, a.new_tokens)
-    modes = ("cond", "always")
+    modes = tuple(a.modes.split(","))
+    if modes[0] != "cond":
+        raise SystemExit("--modes must start with cond (the reference of the ratios)")
     configs = [tuple(c.split(":")) for c in a.configs.split(",")]
     rows, hlo = [], []
     load0 = os.getloadavg()
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
                 steps = len(gens[-1].step_s)
                 slots = fetch_slots(e)
                 needed = t.bytes_h2d_decode / steps
-                moved = needed if m == "cond" else slots * e.store.expert_bytes
+                moved = slots * e.store.expert_bytes if m == "always" else needed
                 rows.append({
                     "batch": batch, "budget": budget, "policy": policy, "alpha": settings.get("alpha", 0.0),
                     "fetch_mode": m, "pool_slots": e.plan.pool_slots, "fetch_slots_per_step": slots,
@@ -236,8 +240,8 @@ def main(argv=None) -> int:
                     "decode_steps": steps, "transfers": t.transfers, "transfers_per_step": t.transfers / steps,
                     "prefetch_issued": t.prefetch_issued, "bytes_h2d_decode": t.bytes_h2d_decode,
                     "bytes_needed_per_step": needed, "bytes_moved_per_step": moved,
-                    "bytes_moved_source": "counters (fetched x expert bytes)" if m == "cond" else
-                    "config: fetch slots x expert bytes, every step",
+                    "bytes_moved_source": "config: fetch slots x expert bytes, every step" if m == "always" else
+                    "counters (fetched x expert bytes)",
                     "same_tokens_as_cond": all(g.tokens == c.tokens for (g, _), (c, _) in zip(runs[m], runs["cond"])),
                 })
                 print(json.dumps({k: rows[-1][k] for k in ("batch", "budget", "policy", "fetch_mode", "tpot_ms",
@@ -284,11 +288,11 @@ def _version(dist: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    """The table. "always / cond": median over trials of the ratio of the two modes' median step
+    """The table. "mode / cond": median over trials of the ratio of the two modes' median step
     in the same trial (run back to back), which cancels most of a shared machine's drift."""
     cond = {(r["batch"], r["budget"], r["policy"]): r for r in rows if r["fetch_mode"] == "cond"}
     lines = ["| budget | batch | policy | fetch mode | hit rate | transfers / step | KiB needed / step | "
-             "KiB moved / step | TPOT ms (median) | always / cond (paired) | same tokens |",
+             "KiB moved / step | TPOT ms (median) | mode / cond (paired) | same tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = cond[(r["batch"], r["budget"], r["policy"])]

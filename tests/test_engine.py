@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 import moejax  # noqa: E402
 from moejax.engine import ENGINES, OffloadEngine, make_engine  # noqa: E402
 from moejax.generate import pad_prompt  # noqa: E402
+from moejax.offload.cache import FETCH_MODES  # noqa: E402
 from moejax.offload.budget import plan_budget  # noqa: E402
 from tiny import hf_config  # noqa: E402
 
@@ -183,8 +184,12 @@ def test_fused_never_recompiles_and_never_copies_the_pool(models):
         seen.add(tuple(np.asarray(e.state["owner"]).tolist()))
     assert len(seen) > 1  # the cached set did change
     assert e.compiled_programs == programs and compiles == []
+    # the CPU's fetch mode (cond-write) and the others' (cond): no program copies the pool
+    other = _engine("fused", path, "smoe", ("pct", 0.25), alpha=0.5, fetch_mode="cond")
+    other.prepare(7)
+    assert e.fetch_mode == "cond-write" and len(other.compiled_programs) == 2
     pool_shape = "[" + ",".join(map(str, e.pool.shape)) + "]"
-    for program in programs.values():
+    for program in [*programs.values(), *other.compiled_programs.values()]:
         copies = [line for line in program.as_text().splitlines()
                   if " copy(" in line and pool_shape in line.split(" copy(")[0]]
         assert copies == []
@@ -296,13 +301,13 @@ def test_pool_split_per_layer_must_hold_one_step(models, kind):
 
 
 def test_fetch_modes_make_the_same_run(models):
-    """cond (the default), loop and always differ only in how the copies run: same tokens and
-    decisions, and the resident model's tokens at alpha 0."""
+    """cond, cond-write (the CPU's default), loop and always differ only in how the copies run:
+    same tokens and decisions, and the resident model's tokens at alpha 0."""
     path, model = models["mixtral"]
     prompt = _prompt(model, seed=7)
     ref = model.generate(prompt, NEW)
     runs = set()
-    for mode in ("cond", "loop", "always"):
+    for mode in FETCH_MODES:
         e = _engine("fused", path, "smoe", ("pct", 0.4), alpha=0.0, fetch_mode=mode)
         g = e.generate(prompt, NEW)
         assert g.tokens == ref.tokens, mode

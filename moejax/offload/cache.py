@@ -14,7 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-FETCH_MODES = ("cond", "loop", "always")
+FETCH_MODES = ("cond", "cond-write", "loop", "always")
+
+
+def default_fetch_mode(device) -> str:
+    """"cond-write" on a CPU, "cond" elsewhere: XLA:GPU copies the whole pool for a write inside
+    a conditional branch (HLO compiled for an H200: 26 pool-shaped copies per decode step of the
+    bundled model at 25%), XLA:CPU writes in place and saves a copy of each fetched expert."""
+    return "cond-write" if device.platform == "cpu" else "cond"
 
 
 def storage_dtype(dtype):
@@ -58,9 +65,11 @@ def write_fetches(pool, stack, fetches, device_sharding, mode: str = "cond"):
     host stack at fetches.slots[:count]. Modes (docs/benchmarks.md measures them):
       "cond":   one fetch slot per possible miss, each copy inside a lax.cond, then one
                 unconditional in-place write (unused slots write to the scratch slot);
+      "cond-write": the copy and its write into the pool both inside the lax.cond (one copy
+                of the expert instead of two; for XLA:CPU only, see default_fetch_mode);
       "loop":   a while loop of `count` iterations, copy + in-place write each;
       "always": branch-free: every fetch slot copies, needed or not.
-    "cond" and "loop" move no bytes for a resident expert."""
+    "cond", "cond-write" and "loop" move no bytes for a resident expert."""
     if mode == "loop":
         def body(j, pool):
             block = fetch_block(stack, fetches.experts[j], device_sharding)
@@ -70,6 +79,12 @@ def write_fetches(pool, stack, fetches, device_sharding, mode: str = "cond"):
     scratch = pool.shape[0] - 1
     for j in range(fetches.experts.shape[0]):
         e, ok = fetches.experts[j], j < fetches.count
+        if mode == "cond-write":
+            def write(p, e=e, slot=fetches.slots[j]):
+                return lax.dynamic_update_index_in_dim(p, as_storage(fetch_block(stack, e, device_sharding), p.dtype),
+                                                       slot, 0)
+            pool = lax.cond(ok, write, lambda p: p, pool)
+            continue
         if mode == "cond":
             block = lax.cond(ok, lambda e=e: fetch_block(stack, e, device_sharding),
                              lambda: jnp.zeros(pool.shape[1:], stack.dtype))
