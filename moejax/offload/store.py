@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import jax
 import numpy as np
 
+from moejax.offload.cache import storage_dtype
+
 if TYPE_CHECKING:
     from moejax.config import MoEConfig
 
@@ -111,8 +113,6 @@ class HostExpertStore:
         self.memory_kind = "pinned_host" if "pinned_host" in kinds else "numpy"
         self.device_sharding = jax.sharding.SingleDeviceSharding(self.device, memory_kind="device")
         host = jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
-        from moejax.offload.cache import storage_dtype
-
         first = next(iter(experts.values()))
         self.expert_shape, self.dtype = first.shape[1:], first.dtype
         self.expert_bytes = int(np.prod(self.expert_shape)) * first.dtype.itemsize
