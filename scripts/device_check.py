@@ -224,7 +224,10 @@ def main(argv=None) -> int:
         run("bandwidth", bandwidth)
         run("overlap", overlap)
         run("exactness", lambda: exactness(small))
-        bundled = Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe"
+        from moejax import api
+
+        # the converted copy (the repository holds the Hugging Face checkpoint): run_bench reads moejax's format
+        bundled = api.resolve(Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe")
         run("bench_bundled", lambda: bench(bundled, a.alpha, [1, 3], a.trials, 32, ("fused", "stepwise"),
                                            ["resident", "lru", "smoe"]))
     return 0

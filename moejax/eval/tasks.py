@@ -181,6 +181,8 @@ def score_continuations(steps, context, continuations, prefix: int | None) -> li
     ctx = np.asarray(context, np.int32)
     P = len(ctx) if prefix is None else max(1, min(prefix, len(ctx)))
     key = jax.random.PRNGKey(0)
+    if hasattr(steps, "prepare"):  # the fused engine: its one-step decode program (not generate's chunks)
+        steps.prepare(P, chunk=1)
     _, logits = steps.prefill(pad_prompt(ctx[None, :P]), P, key)
     for t in range(P, len(ctx)):
         _, logits = steps.step(ctx[t:t + 1], t, key)
