@@ -418,20 +418,16 @@ class FusedEngine(OffloadedGeneration):
     def step(self, token, pos: int, key, temperature=0.0, top_p=1.0):
         """token [B] at position pos -> (next token [B], logits [B, V]): the decode program for one step."""
         keys = np.asarray(key, np.uint32).reshape(1, 2)  # a program of one step, no loop (step_loop)
-        _, tok, logits = self._steps(token, pos, keys, 1, None, None, temperature, top_p)
+        _, tok, logits = self.steps(token, pos, keys, 1, None, None, temperature, top_p)
         return tok, logits
 
     def steps(self, token, pos: int, keys, n: int, done, stop, temperature=0.0, top_p=1.0):
-        """Up to n decode steps in one call (generate.step_loop; keys [generate.CHUNK, 2], done [B] or
-        None, stop ids [s] or None) -> (tokens [B, generate.CHUNK], the last step's logits [B, V])."""
-        tokens, _, logits = self._steps(token, pos, keys, n, done, stop, temperature, top_p)
-        return tokens, logits
-
-    def _steps(self, token, pos, keys, n, done, stop, temperature, top_p):
+        """Up to n decode steps in one call (generate.step_loop; keys [C, 2], done [B] or None,
+        stop ids [s] or None) -> (tokens [B, C], the last step's token [B] and logits [B, V])."""
         if not (isinstance(token, jax.Array) and token.shape == (self.batch,)):
             token = np.asarray(token).reshape(self.batch)
-        return self._run("decode", lambda: self._decode_args(token, pos, keys, n, done, stop), float(temperature),
-                         float(top_p))
+        return tuple(self._run("decode", lambda: self._decode_args(token, pos, keys, n, done, stop),
+                               float(temperature), float(top_p)))
 
 
 def _program_key(kind: str, args: tuple, temperature: float, top_p: float) -> tuple:
