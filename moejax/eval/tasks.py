@@ -342,7 +342,8 @@ def evaluate_task(steps, prepared: Prepared, prefix: int | None, engine=None, pr
         g = grades(ll, [len(c) for c in conts], [len(c) for c in ex.choices], ex.scores)
         for k in sums:
             sums[k] += g[k]
-        rows.append({"ll": ll, "tokens": [len(c) for c in conts], "scores": ex.scores})
+        rows.append({"ll": ll, "tokens": [len(c) for c in conts], "chars": [len(c) for c in ex.choices],
+                     "scores": ex.scores})
     n = len(rows)
     result = {"task": task.name, "path": str(task.path), "n": n, "chance": task.chance,
               **{k: v / n for k, v in sums.items()}, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,127 @@
+"""Compare `moejax eval tasks` runs example by example (issue 12's accuracy tables).
+
+The first JSON is the reference (e.g. the dense model, or alpha 0); every other one is
+compared with it on the tasks and examples both scored (the first n of each task, n the
+smaller). Per task and scoring rule (raw, per token, per character): the reference's accuracy,
+its z against chance (accuracy - chance over the standard error of a random guess's grade),
+each run's accuracy, its difference from the reference in points, and the paired standard
+error of that difference (over the per-example grade differences), plus the mean change of
+the correct choice's log-likelihood (nats).
+
+    python scripts/compare_tasks.py docs/results/dense.json docs/results/moe.json --markdown out.md --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moejax.eval.tasks import grades, read_task  # noqa: E402
+
+RULES = ("acc", "acc_per_token", "acc_per_char")
+
+
+def _chars(task: dict) -> list[list[int]]:
+    """Each example's choice lengths in characters (runs before the field was recorded: re-read the task)."""
+    if all("chars" in e for e in task["examples"]):
+        return [e["chars"] for e in task["examples"]]
+    found = {t.name: t for t in read_task(Path(task["path"]))}
+    ex = found[task["task"]].examples
+    return [[len(c) for c in x.choices] for x in ex[:len(task["examples"])]]
+
+
+def per_example(task: dict, n: int) -> dict[str, np.ndarray]:
+    """-> {rule: grades [n]} and "ll_correct": the best choice's log-likelihood [n]."""
+    chars = _chars(task)
+    out = {r: [] for r in RULES} | {"ll_correct": []}
+    for e, ch in zip(task["examples"][:n], chars):
+        g = grades(e["ll"], e["tokens"], ch, e["scores"])
+        for r in RULES:
+            out[r].append(g[r])
+        out["ll_correct"].append(e["ll"][int(np.argmax(e["scores"]))])
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def chance_se(task: dict, n: int) -> tuple[float, float]:
+    """(chance, standard error of a random guess's mean grade) over the first n examples."""
+    p = np.asarray([np.mean(e["scores"]) for e in task["examples"][:n]])
+    var = np.asarray([np.var(e["scores"]) for e in task["examples"][:n]])
+    return float(p.mean()), float(np.sqrt(var.sum()) / n)
+
+
+def compare(ref: dict, runs: list[dict]) -> list[dict]:
+    rows = []
+    ref_tasks = {t["task"]: t for t in ref["tasks"]}
+    for t_name, rt in ref_tasks.items():
+        others = [{t["task"]: t for t in r["tasks"]}.get(t_name) for r in runs]
+        if any(o is None for o in others):
+            continue
+        n = min([len(rt["examples"])] + [len(o["examples"]) for o in others])
+        chance, se = chance_se(rt, n)
+        base = per_example(rt, n)
+        row = {"task": t_name, "n": n, "chance": chance, "chance_se": se,
+               "ref": {r: float(base[r].mean()) for r in RULES},
+               "ref_z": {r: (float(base[r].mean()) - chance) / se if se else float("nan") for r in RULES},
+               "runs": []}
+        for o in others:
+            cur = per_example(o, n)
+            d = {r: cur[r] - base[r] for r in RULES}
+            dl = cur["ll_correct"] - base["ll_correct"]
+            row["runs"].append({
+                "acc": {r: float(cur[r].mean()) for r in RULES},
+                "diff_points": {r: 100 * float(d[r].mean()) for r in RULES},
+                "diff_se_points": {r: 100 * float(d[r].std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan") for r in RULES},
+                "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+                "hit_rate": o.get("hit_rate"), "substitution_rate": o.get("substitution_rate"),
+                "skip_rate": o.get("skip_rate")})
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], labels: list[str]) -> str:
+    f3 = lambda v: "/".join(f"{v[r]:.3f}" for r in RULES)  # noqa: E731
+    head = "| task | n | chance | reference acc / per token / per char | z vs chance |"
+    sep = "|---|---|---|---|---|"
+    for lab in labels:
+        head += f" {lab} acc / per token / per char | {lab} - reference, points (paired s.e.) | correct choice's log-lik., nats |"
+        sep += "---|---|---|"
+    lines = [head, sep]
+    for row in rows:
+        z = "/".join(f"{row['ref_z'][r]:+.1f}" for r in RULES)
+        line = f"| {row['task']} | {row['n']} | {row['chance']:.3f} | {f3(row['ref'])} | {z} |"
+        for run in row["runs"]:
+            diffs = ", ".join(f"{run['diff_points'][r]:+.1f} ({run['diff_se_points'][r]:.1f})" for r in RULES)
+            line += f" {f3(run['acc'])} | {diffs} | {run['ll_correct_diff']:+.2f} +- {run['ll_correct_diff_se']:.2f} |"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reference", help="eval tasks JSON of the reference run")
+    ap.add_argument("runs", nargs="+", help="eval tasks JSONs to compare with it")
+    ap.add_argument("--labels", help="comma-separated names of the runs (default: file names)")
+    ap.add_argument("--markdown")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    ref = json.loads(Path(args.reference).read_text())
+    runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    labels = args.labels.split(",") if args.labels else [Path(p).stem for p in args.runs]
+    rows = compare(ref, runs)
+    md = markdown(rows, labels)
+    print(md, end="")
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"reference": args.reference, "runs": args.runs, "labels": labels,
+                                               "tasks": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
