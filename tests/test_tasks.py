@@ -151,6 +151,7 @@ def test_resident_log_likelihoods_equal_a_full_forward(tiny, tmp_path):
     m = moejax.load(path)
     t = T.load_tasks(task)[0]
     for ex, got in zip(t.examples, row["examples"]):
+        assert got["chars"] == [len(c) for c in ex.choices]
         for choice, ll in zip(ex.choices, got["ll"]):
             ctx, cont = T.encode_pair(m.tokenizer, ex.context, choice)
             logp = log_softmax(m.forward(np.array([ctx + cont]))[0].astype(np.float64))
@@ -217,3 +218,29 @@ def test_prefilled_scoring_is_decode_mode_and_unchanged_by_buckets(tiny):
     assert prefill._cache_size() - before == len({T.bucket(n) for n in lengths})  # one cache length, 384, new here
     assert [T.bucket(n) for n in (1, 16, 17, 33, 49, 65, 97, 129, 193, 300, 1000)] == [
         16, 16, 32, 48, 64, 96, 128, 192, 256, 384, 1024]
+
+
+def test_compare_tasks_pairs_examples():
+    """scripts/compare_tasks.py: accuracy per rule, the difference in points and its paired
+    standard error, z against chance, checked by hand on three 2-choice examples."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import compare_tasks
+
+    def run(lls):
+        ex = [{"ll": ll, "tokens": [1, 4], "chars": [3, 3], "scores": [1.0, 0.0]} for ll in lls]
+        return {"tasks": [{"task": "t", "path": "unused", "examples": ex}]}
+
+    ref = run([[-1.0, -2.0], [-1.0, -2.0], [-3.0, -2.0]])  # right, right, wrong
+    cur = run([[-1.0, -2.0], [-3.0, -2.0], [-3.0, -2.0]])  # right, wrong, wrong
+    row = compare_tasks.compare(ref, [cur])[0]
+    assert row["n"] == 3 and row["chance"] == 0.5
+    assert row["ref"]["acc"] == pytest.approx(2 / 3) and row["ref"]["acc_per_char"] == pytest.approx(2 / 3)
+    assert row["ref"]["acc_per_token"] == 0.0  # per token the wrong choice wins: -2/4 > -1/1
+    assert row["ref_z"]["acc"] == pytest.approx((2 / 3 - 0.5) / (np.sqrt(3 * 0.25) / 3))
+    d = row["runs"][0]
+    assert d["diff_points"]["acc"] == pytest.approx(-100 / 3)
+    assert d["diff_se_points"]["acc"] == pytest.approx(100 * np.std([0, -1, 0], ddof=1) / np.sqrt(3))
+    assert d["ll_correct_diff"] == pytest.approx(-2 / 3)
