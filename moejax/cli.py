@@ -481,6 +481,8 @@ def cmd_eval_tasks(args) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise MoejaxError("--limit must be at least 1")
+    if args.skip < 0:
+        raise MoejaxError("--skip must be at least 0")
     prefix = _prefix_arg(args.prefix)
     spec = parse_budget_arg(args.vram_budget) if args.vram_budget else None
     sub = Substitution.from_args(args)
@@ -489,7 +491,7 @@ def cmd_eval_tasks(args) -> None:
     check_output("--json", args.json)
     check_output("--markdown", args.markdown)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()] if args.tasks else None
-    tasks = T.load_tasks(args.path, names, args.limit)
+    tasks = T.load_tasks(args.path, names, args.limit, args.skip)
     model = moejax.load(args.model or bundled_model())
     tok, cfg = model.tokenizer, model.config
     if tok is None:
@@ -512,7 +514,7 @@ def cmd_eval_tasks(args) -> None:
     meta = {"model": str(args.model or model.path), "path": str(args.path), "policy": policy, "engine": kind,
             "pool": "none" if engine is None else pool_kind(args.per_layer), "alpha": sub.alpha if substitutes else 0.0,
             "substitute": sub.mode if substitutes else None, "budget_bytes": plan.budget_bytes,
-            "pool_slots": plan.pool_slots, "prefix": prefix, "limit": args.limit,
+            "pool_slots": plan.pool_slots, "prefix": prefix, "limit": args.limit, "skip": args.skip,
             "command": "moejax " + " ".join(sys.argv[1:])}
     rows = []
     for p in prepared:
@@ -856,6 +858,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--model", help=MODEL_HELP)
     et.add_argument("--tasks", help="comma-separated task names to run (a task, or task:subtask; default: all)")
     et.add_argument("--limit", type=int, help="the first N examples of each task (default: all)")
+    et.add_argument("--skip", type=int, default=0,
+                    help="leave out the first N examples of each task (with --limit: a run in parts)")
     et.add_argument("--vram-budget", help=BUDGET_HELP + "; default: everything resident")
     et.add_argument("--policy", choices=ALL_NAMES, help="expert cache policy (default: smoe with a budget, "
                     "else resident)")

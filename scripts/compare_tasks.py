@@ -9,6 +9,9 @@ error of that difference (over the per-example grade differences), plus the mean
 the correct choice's log-likelihood (nats).
 
     python scripts/compare_tasks.py docs/results/dense.json docs/results/moe.json --markdown out.md --json out.json
+
+A run given as A.json+B.json is the parts of one run (`eval tasks --skip`): each task's
+examples are A's followed by B's.
 """
 
 from __future__ import annotations
@@ -101,16 +104,27 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_run(arg: str) -> dict:
+    """One eval tasks JSON, or parts joined with "+": per task, the parts' examples in order."""
+    parts = [json.loads(Path(p).read_text()) for p in arg.split("+")]
+    run = parts[0]
+    for part in parts[1:]:
+        more = {t["task"]: t for t in part["tasks"]}
+        run["tasks"] = [t | {"examples": t["examples"] + more[t["task"]]["examples"]}
+                        for t in run["tasks"] if t["task"] in more]
+    return run
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("reference", help="eval tasks JSON of the reference run")
-    ap.add_argument("runs", nargs="+", help="eval tasks JSONs to compare with it")
+    ap.add_argument("reference", help="eval tasks JSON of the reference run (parts joined with +)")
+    ap.add_argument("runs", nargs="+", help="eval tasks JSONs to compare with it (parts joined with +)")
     ap.add_argument("--labels", help="comma-separated names of the runs (default: file names)")
     ap.add_argument("--markdown")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    ref = json.loads(Path(args.reference).read_text())
-    runs = [json.loads(Path(p).read_text()) for p in args.runs]
+    ref = load_run(args.reference)
+    runs = [load_run(p) for p in args.runs]
     labels = args.labels.split(",") if args.labels else [Path(p).stem for p in args.runs]
     rows = compare(ref, runs)
     md = markdown(rows, labels)

@@ -46,6 +46,10 @@ def test_load_tasks_directory_subtasks_filter_and_limit(tmp_path):
     assert tasks[0].chance == 0.5 and tasks[2].chance == pytest.approx(1.75 / 4)
     assert [t.name for t in T.load_tasks(tmp_path, ["nested"], limit=1)] == ["nested:one", "nested:two"]
     assert len(T.load_tasks(tmp_path, ["alpha"], limit=3)[0].examples) == 3
+    whole = T.load_tasks(tmp_path, ["alpha"])[0].examples
+    assert T.load_tasks(tmp_path, ["alpha"], limit=2, skip=1)[0].examples == whole[1:3]
+    with pytest.raises(MoejaxError, match="--skip 99 leaves no examples of alpha"):
+        T.load_tasks(tmp_path, ["alpha"], skip=99)
     assert [t.name for t in T.load_tasks(tmp_path / "alpha")] == ["alpha"]
     assert [t.name for t in T.load_tasks(tmp_path / "nested" / "one" / "task.json")] == ["one"]
     with pytest.raises(MoejaxError, match="--tasks gen: no multiple-choice examples"):
@@ -220,7 +224,7 @@ def test_prefilled_scoring_is_decode_mode_and_unchanged_by_buckets(tiny):
         16, 16, 32, 48, 64, 96, 128, 192, 256, 384, 1024]
 
 
-def test_compare_tasks_pairs_examples():
+def test_compare_tasks_pairs_examples(tmp_path):
     """scripts/compare_tasks.py: accuracy per rule, the difference in points and its paired
     standard error, z against chance, checked by hand on three 2-choice examples."""
     import sys
@@ -244,3 +248,9 @@ def test_compare_tasks_pairs_examples():
     assert d["diff_points"]["acc"] == pytest.approx(-100 / 3)
     assert d["diff_se_points"]["acc"] == pytest.approx(100 * np.std([0, -1, 0], ddof=1) / np.sqrt(3))
     assert d["ll_correct_diff"] == pytest.approx(-2 / 3)
+    # a run in parts (eval tasks --skip) joined with "+" is the whole run
+    import json
+
+    (tmp_path / "a.json").write_text(json.dumps({"tasks": [ref["tasks"][0] | {"examples": ref["tasks"][0]["examples"][:1]}]}))
+    (tmp_path / "b.json").write_text(json.dumps({"tasks": [ref["tasks"][0] | {"examples": ref["tasks"][0]["examples"][1:]}]}))
+    assert compare_tasks.load_run(f"{tmp_path}/a.json+{tmp_path}/b.json") == ref

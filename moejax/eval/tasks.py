@@ -107,10 +107,11 @@ def read_task(path: Path, name: str | None = None) -> list[Task]:
     return [Task(name, path, examples)]
 
 
-def load_tasks(path, names: list[str] | None = None, limit: int | None = None) -> list[Task]:
+def load_tasks(path, names: list[str] | None = None, limit: int | None = None, skip: int = 0) -> list[Task]:
     """BIG-bench tasks from a task.json, a task's directory or a directory of task directories
     (e.g. bigbench/benchmark_tasks); only tasks with multiple-choice examples (target_scores).
-    names: keep these (a task, or task:subtask); limit: the first N examples of each."""
+    names: keep these (a task, or task:subtask); skip, limit: leave out the first `skip`
+    examples of each, then keep the next `limit` (so a long run can go in parts)."""
     p = Path(path)
     if not p.exists():
         raise MoejaxError(f"{path}: no such file or directory")
@@ -139,8 +140,11 @@ def load_tasks(path, names: list[str] | None = None, limit: int | None = None) -
     if not found:
         raise MoejaxError(f"{path} has no multiple-choice examples (examples with \"target_scores\")")
     for t in found:
-        t.examples = t.examples[:limit] if limit else t.examples
-    return found
+        t.examples = t.examples[skip:skip + limit] if limit else t.examples[skip:]
+    short = [t.name for t in found if not t.examples]
+    if short and (names or len(short) == len(found)):  # unnamed tasks shorter than skip are left out
+        raise MoejaxError(f"--skip {skip} leaves no examples of {', '.join(short)}")
+    return [t for t in found if t.examples]
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
