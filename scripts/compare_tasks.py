@@ -59,9 +59,10 @@ def chance_se(task: dict, n: int) -> tuple[float, float]:
 
 def compare(ref: dict, runs: list[dict]) -> list[dict]:
     rows = []
-    ref_tasks = {t["task"]: t for t in ref["tasks"]}
-    for t_name, rt in ref_tasks.items():
-        others = [{t["task"]: t for t in r["tasks"]}.get(t_name) for r in runs]
+    indexed = [{t["task"]: t for t in r["tasks"]} for r in runs]
+    for rt in ref["tasks"]:
+        t_name = rt["task"]
+        others = [ix.get(t_name) for ix in indexed]
         if any(o is None for o in others):
             continue
         n = min([len(rt["examples"])] + [len(o["examples"]) for o in others])
@@ -105,12 +106,13 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
 
 
 def load_run(arg: str) -> dict:
-    """One eval tasks JSON, or parts joined with "+": per task, the parts' examples in order."""
+    """One eval tasks JSON, or parts joined with "+": per task, the parts' examples in order
+    (a joined task keeps its name and path only: the parts' summaries and rates are per part)."""
     parts = [json.loads(Path(p).read_text()) for p in arg.split("+")]
     run = parts[0]
     for part in parts[1:]:
         more = {t["task"]: t for t in part["tasks"]}
-        run["tasks"] = [t | {"examples": t["examples"] + more[t["task"]]["examples"]}
+        run["tasks"] = [{"task": t["task"], "path": t["path"], "examples": t["examples"] + more[t["task"]]["examples"]}
                         for t in run["tasks"] if t["task"] in more]
     return run
 
