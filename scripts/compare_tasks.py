@@ -57,33 +57,48 @@ def chance_se(task: dict, n: int) -> tuple[float, float]:
     return float(p.mean()), float(np.sqrt(var.sum()) / n)
 
 
+def _row(name: str, base: dict, curs: list[dict], chance: float, se: float, rates: list[dict]) -> dict:
+    """One table row: the reference's per-example grades against each run's (paired)."""
+    n = len(base["ll_correct"])
+    row = {"task": name, "n": n, "chance": chance, "chance_se": se,
+           "ref": {r: float(base[r].mean()) for r in RULES},
+           "ref_z": {r: (float(base[r].mean()) - chance) / se if se else float("nan") for r in RULES},
+           "runs": []}
+    for cur, rate in zip(curs, rates):
+        d = {r: cur[r] - base[r] for r in RULES}
+        dl = cur["ll_correct"] - base["ll_correct"]
+        row["runs"].append({
+            "acc": {r: float(cur[r].mean()) for r in RULES},
+            "diff_points": {r: 100 * float(d[r].mean()) for r in RULES},
+            "diff_se_points": {r: 100 * float(d[r].std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan") for r in RULES},
+            "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+            **rate})
+    return row
+
+
 def compare(ref: dict, runs: list[dict]) -> list[dict]:
-    rows = []
+    """Per task the rows of _row; with more than one task, a last row "(all tasks)" pools every
+    compared example (each task's grades as they are, so tasks weigh by their example counts)."""
+    rows, pooled = [], []
     indexed = [{t["task"]: t for t in r["tasks"]} for r in runs]
     for rt in ref["tasks"]:
-        t_name = rt["task"]
-        others = [ix.get(t_name) for ix in indexed]
+        others = [ix.get(rt["task"]) for ix in indexed]
         if any(o is None for o in others):
             continue
         n = min([len(rt["examples"])] + [len(o["examples"]) for o in others])
-        chance, se = chance_se(rt, n)
-        base = per_example(rt, n)
-        row = {"task": t_name, "n": n, "chance": chance, "chance_se": se,
-               "ref": {r: float(base[r].mean()) for r in RULES},
-               "ref_z": {r: (float(base[r].mean()) - chance) / se if se else float("nan") for r in RULES},
-               "runs": []}
-        for o in others:
-            cur = per_example(o, n)
-            d = {r: cur[r] - base[r] for r in RULES}
-            dl = cur["ll_correct"] - base["ll_correct"]
-            row["runs"].append({
-                "acc": {r: float(cur[r].mean()) for r in RULES},
-                "diff_points": {r: 100 * float(d[r].mean()) for r in RULES},
-                "diff_se_points": {r: 100 * float(d[r].std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan") for r in RULES},
-                "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-                "hit_rate": o.get("hit_rate"), "substitution_rate": o.get("substitution_rate"),
-                "skip_rate": o.get("skip_rate")})
-        rows.append(row)
+        base, curs = per_example(rt, n), [per_example(o, n) for o in others]
+        rates = [{k: o.get(k) for k in ("hit_rate", "substitution_rate", "skip_rate")} for o in others]
+        rows.append(_row(rt["task"], base, curs, *chance_se(rt, n), rates))
+        p = np.asarray([np.mean(e["scores"]) for e in rt["examples"][:n]])
+        var = np.asarray([np.var(e["scores"]) for e in rt["examples"][:n]])
+        pooled.append((base, curs, p, var))
+    if len(pooled) > 1:
+        cat = lambda ds: {k: np.concatenate([d[k] for d in ds]) for k in ds[0]}  # noqa: E731
+        base = cat([b for b, _, _, _ in pooled])
+        curs = [cat([c[i] for _, c, _, _ in pooled]) for i in range(len(runs))]
+        p, var = np.concatenate([x[2] for x in pooled]), np.concatenate([x[3] for x in pooled])
+        rates = [{k: None for k in ("hit_rate", "substitution_rate", "skip_rate")} for _ in runs]
+        rows.append(_row("(all tasks)", base, curs, float(p.mean()), float(np.sqrt(var.sum()) / len(p)), rates))
     return rows
 
 

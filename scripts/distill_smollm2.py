@@ -406,6 +406,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--ckpt-every", type=int, default=10, help="save the run every N steps")
     p.add_argument("--minutes", type=float, help="stop (saving, writing OUT) after this much wall time")
+    p.add_argument("--stop-step", type=int, metavar="N",
+                   help="stop (saving, writing OUT) after step N, the schedule still spanning --steps: "
+                        "repeats a run that --minutes cut short, step for step")
     p.add_argument("--no-eval", action="store_true", help="skip held-out perplexity")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the record here")
@@ -492,7 +495,8 @@ def main(argv=None) -> int:
     start_train_s, start_cpu_s = meta["train_s"], meta["cpu_s"]
     pbar = tqdm(total=args.steps, initial=meta["step"], dynamic_ncols=True, mininterval=2.0, desc="distill")
     stop_at = t0 + 60 * args.minutes if args.minutes is not None else None
-    while meta["step"] < args.steps and (stop_at is None or time.perf_counter() < stop_at):
+    last = args.steps if args.stop_step is None else min(args.steps, args.stop_step)
+    while meta["step"] < last and (stop_at is None or time.perf_counter() < stop_at):
         micro = meta["step"] * args.accum
         batches = [batch_at(streams, micro + a, args.batch, args.seq_len, args.seed) for a in range(args.accum)]
         t = time.perf_counter()

@@ -248,6 +248,15 @@ def test_compare_tasks_pairs_examples(tmp_path):
     assert d["diff_points"]["acc"] == pytest.approx(-100 / 3)
     assert d["diff_se_points"]["acc"] == pytest.approx(100 * np.std([0, -1, 0], ddof=1) / np.sqrt(3))
     assert d["ll_correct_diff"] == pytest.approx(-2 / 3)
+    # two tasks: a last row pools their examples (here the same three twice, so the same
+    # accuracies and differences, and the paired s.e. over six examples)
+    two = lambda r: {"tasks": r["tasks"] + [r["tasks"][0] | {"task": "u"}]}  # noqa: E731
+    rows = compare_tasks.compare(two(ref), [two(cur)])
+    assert [r["task"] for r in rows] == ["t", "u", "(all tasks)"] and rows[-1]["n"] == 6
+    d6 = rows[-1]["runs"][0]
+    assert d6["diff_points"]["acc"] == pytest.approx(-100 / 3) and rows[-1]["ref"]["acc"] == pytest.approx(2 / 3)
+    assert d6["diff_se_points"]["acc"] == pytest.approx(100 * np.std([0, -1, 0] * 2, ddof=1) / np.sqrt(6))
+    assert rows[-1]["ref_z"]["acc"] == pytest.approx((2 / 3 - 0.5) / (np.sqrt(6 * 0.25) / 6))
     # a run in parts (eval tasks --skip) joined with "+" is the whole run
     import json
 
