@@ -120,6 +120,48 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, str]) -> tuple[list[dict], str]:
+    """One row per run (e.g. an alpha sweep against alpha 0): per task, the difference from
+    the reference in points (paired s.e.) under that task's rule (rules: task -> rule, default
+    "acc"); then all tasks pooled, each example graded by its task's rule; the mean change of
+    the correct choice's log-likelihood over every example; and the run's own rates (the
+    whole run's, as `eval tasks` reports them; a run in parts: its first part's)."""
+    indexed = [{t["task"]: t for t in r["tasks"]} for r in runs]
+    names = [t["task"] for t in ref["tasks"] if all(t["task"] in ix for ix in indexed)]
+    refs = {t["task"]: t for t in ref["tasks"]}
+    out = []
+    for run, ix, label in zip(runs, indexed, labels):
+        row, pooled, lls = {"label": label, "tasks": {}}, [], []
+        for name in names:
+            n = min(len(refs[name]["examples"]), len(ix[name]["examples"]))
+            rule = rules.get(name, "acc")
+            base, cur = per_example(refs[name], n), per_example(ix[name], n)
+            d = cur[rule] - base[rule]
+            row["tasks"][name] = {"rule": rule, "n": n, "ref": float(base[rule].mean()), "acc": float(cur[rule].mean()),
+                                  "diff_points": 100 * float(d.mean()),
+                                  "diff_se_points": 100 * float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")}
+            pooled.append(d)
+            lls.append(cur["ll_correct"] - base["ll_correct"])
+        d, dl = np.concatenate(pooled), np.concatenate(lls)
+        row["all"] = {"n": len(d), "diff_points": 100 * float(d.mean()), "diff_se_points": 100 * float(d.std(ddof=1) / np.sqrt(len(d))),
+                      "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(len(dl)))}
+        row["rates"] = {k: run.get("run", {}).get(k) for k in ("hit_rate", "substitution_rate", "skip_rate")}
+        out.append(row)
+    f = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    head = "| run | " + " | ".join(f"{n} ({rules.get(n, 'acc')})" for n in names) + \
+        " | all tasks | correct choice's log-lik., nats | hit rate | subst. rate | skip rate |"
+    lines = [head, "|" + "---|" * (len(names) + 6)]
+    for row in out:
+        cells = [f"{t['diff_points']:+.1f} ({t['diff_se_points']:.1f})" for t in row["tasks"].values()]
+        a, r = row["all"], row["rates"]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {a['diff_points']:+.1f} ({a['diff_se_points']:.1f})"
+                     f" | {a['ll_correct_diff']:+.2f} +- {a['ll_correct_diff_se']:.2f} | {f(r['hit_rate'])} | "
+                     f"{f(r['substitution_rate'])} | {f(r['skip_rate'])} |")
+    refrow = "| reference | " + " | ".join(f"{out[0]['tasks'][n]['ref']:.3f} (n {out[0]['tasks'][n]['n']})" for n in names) \
+        + " | | | | | |" if out else ""
+    return out, "\n".join(lines[:2] + [refrow] + lines[2:]) + "\n"
+
+
 def load_run(arg: str) -> dict:
     """One eval tasks JSON, or parts joined with "+": per task, the parts' examples in order
     (a joined task keeps its name and path only: the parts' summaries and rates are per part)."""
@@ -139,10 +181,27 @@ def main(argv=None) -> int:
     ap.add_argument("--labels", help="comma-separated names of the runs (default: file names)")
     ap.add_argument("--markdown")
     ap.add_argument("--json")
+    ap.add_argument("--by-run", action="store_true",
+                    help="one row per run (an alpha sweep): per task and pooled differences, log-lik., rates")
+    ap.add_argument("--rules", default="", help="with --by-run: task=rule,... (acc, acc_per_token, acc_per_char; default acc)")
     args = ap.parse_args(argv)
     ref = load_run(args.reference)
     runs = [load_run(p) for p in args.runs]
     labels = args.labels.split(",") if args.labels else [Path(p).stem for p in args.runs]
+    if args.by_run:
+        rules = dict(kv.split("=", 1) for kv in args.rules.split(",") if kv)
+        bad = sorted(set(rules.values()) - set(RULES))
+        if bad:
+            print(f"error: --rules: unknown rule {bad[0]!r} (expected one of {', '.join(RULES)})", file=sys.stderr)
+            return 2
+        rows, md = run_table(ref, runs, labels, rules)
+        print(md, end="")
+        if args.markdown:
+            Path(args.markdown).write_text(md)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"reference": args.reference, "runs": args.runs, "labels": labels,
+                                                   "rules": rules, "rows": rows}, indent=1) + "\n")
+        return 0
     rows = compare(ref, runs)
     md = markdown(rows, labels)
     print(md, end="")

@@ -257,6 +257,15 @@ def test_compare_tasks_pairs_examples(tmp_path):
     assert d6["diff_points"]["acc"] == pytest.approx(-100 / 3) and rows[-1]["ref"]["acc"] == pytest.approx(2 / 3)
     assert d6["diff_se_points"]["acc"] == pytest.approx(100 * np.std([0, -1, 0] * 2, ddof=1) / np.sqrt(6))
     assert rows[-1]["ref_z"]["acc"] == pytest.approx((2 / 3 - 0.5) / (np.sqrt(6 * 0.25) / 6))
+    # --by-run: one row per run, each task under its own rule (u per token: every choice there
+    # loses to the 4-token one, in both runs), pooled over the six examples
+    out, md = compare_tasks.run_table(two(ref), [two(cur)], ["x"], {"u": "acc_per_token"})
+    row = out[0]
+    assert row["tasks"]["t"]["diff_points"] == pytest.approx(-100 / 3) and row["tasks"]["u"]["diff_points"] == 0
+    assert row["all"]["diff_points"] == pytest.approx(-100 / 6)
+    assert row["all"]["diff_se_points"] == pytest.approx(100 * np.std([0, -1, 0, 0, 0, 0], ddof=1) / np.sqrt(6))
+    assert row["all"]["ll_correct_diff"] == pytest.approx(-2 / 3) and row["rates"]["hit_rate"] is None
+    assert "| x | -33.3 (33.3) | +0.0 (0.0) | -16.7 (16.7) | -0.67 +- 0.42 |" in md
     # a run in parts (eval tasks --skip) joined with "+" is the whole run
     import json
 
