@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moejax.eval.tasks import grades, read_task  # noqa: E402
+from moejax.eval.tasks import grades, picks, read_task  # noqa: E402
 
 RULES = ("acc", "acc_per_token", "acc_per_char")
 
@@ -39,13 +39,15 @@ def _chars(task: dict) -> list[list[int]]:
 
 
 def per_example(task: dict, n: int) -> dict[str, np.ndarray]:
-    """-> {rule: grades [n]} and "ll_correct": the best choice's log-likelihood [n]."""
+    """-> {rule: grades [n]}, {"pick_" + rule: the first-ranked choice [n]} and "ll_correct":
+    the best choice's log-likelihood [n]."""
     chars = _chars(task)
-    out = {r: [] for r in RULES} | {"ll_correct": []}
+    out = {r: [] for r in RULES} | {"pick_" + r: [] for r in RULES} | {"ll_correct": []}
     for e, ch in zip(task["examples"][:n], chars):
-        g = grades(e["ll"], e["tokens"], ch, e["scores"])
+        g, pk = grades(e["ll"], e["tokens"], ch, e["scores"]), picks(e["ll"], e["tokens"], ch)
         for r in RULES:
             out[r].append(g[r])
+            out["pick_" + r].append(pk[r])
         out["ll_correct"].append(e["ll"][int(np.argmax(e["scores"]))])
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
@@ -124,14 +126,16 @@ def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, s
     """One row per run (e.g. an alpha sweep against alpha 0): per task, the difference from
     the reference in points (paired s.e.) under that task's rule (rules: task -> rule, default
     "acc"); then all tasks pooled, each example graded by its task's rule; the mean change of
-    the correct choice's log-likelihood over every example; and the run's own rates (the
+    the correct choice's log-likelihood over every example; the share of examples whose
+    first-ranked choice differs from the reference's (under the task's rule, right or wrong);
+    and the run's own rates (the
     whole run's, as `eval tasks` reports them; a run in parts: its first part's)."""
     indexed = [{t["task"]: t for t in r["tasks"]} for r in runs]
     names = [t["task"] for t in ref["tasks"] if all(t["task"] in ix for ix in indexed)]
     refs = {t["task"]: t for t in ref["tasks"]}
     out = []
     for run, ix, label in zip(runs, indexed, labels):
-        row, pooled, lls = {"label": label, "tasks": {}}, [], []
+        row, pooled, lls, changed = {"label": label, "tasks": {}}, [], [], []
         for name in names:
             n = min(len(refs[name]["examples"]), len(ix[name]["examples"]))
             rule = rules.get(name, "acc")
@@ -142,23 +146,25 @@ def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, s
                                   "diff_se_points": 100 * float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")}
             pooled.append(d)
             lls.append(cur["ll_correct"] - base["ll_correct"])
-        d, dl = np.concatenate(pooled), np.concatenate(lls)
+            changed.append(cur["pick_" + rule] != base["pick_" + rule])
+        d, dl, ch = np.concatenate(pooled), np.concatenate(lls), np.concatenate(changed)
         row["all"] = {"n": len(d), "diff_points": 100 * float(d.mean()), "diff_se_points": 100 * float(d.std(ddof=1) / np.sqrt(len(d))),
-                      "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(len(dl)))}
+                      "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(len(dl))),
+                      "changed": float(ch.mean())}
         row["rates"] = {k: run.get("run", {}).get(k) for k in ("hit_rate", "substitution_rate", "skip_rate")}
         out.append(row)
     f = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     head = "| run | " + " | ".join(f"{n} ({rules.get(n, 'acc')})" for n in names) + \
-        " | all tasks | correct choice's log-lik., nats | hit rate | subst. rate | skip rate |"
-    lines = [head, "|" + "---|" * (len(names) + 6)]
+        " | all tasks | choice changed | correct choice's log-lik., nats | hit rate | subst. rate | skip rate |"
+    lines = [head, "|" + "---|" * (len(names) + 7)]
     for row in out:
         cells = [f"{t['diff_points']:+.1f} ({t['diff_se_points']:.1f})" for t in row["tasks"].values()]
         a, r = row["all"], row["rates"]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {a['diff_points']:+.1f} ({a['diff_se_points']:.1f})"
-                     f" | {a['ll_correct_diff']:+.2f} +- {a['ll_correct_diff_se']:.2f} | {f(r['hit_rate'])} | "
+                     f" | {a['changed']:.3f} | {a['ll_correct_diff']:+.2f} +- {a['ll_correct_diff_se']:.2f} | {f(r['hit_rate'])} | "
                      f"{f(r['substitution_rate'])} | {f(r['skip_rate'])} |")
     refrow = "| reference | " + " | ".join(f"{out[0]['tasks'][n]['ref']:.3f} (n {out[0]['tasks'][n]['n']})" for n in names) \
-        + " | | | | | |" if out else ""
+        + " | | | | | | |" if out else ""
     return out, "\n".join(lines[:2] + [refrow] + lines[2:]) + "\n"
 
 

@@ -265,7 +265,8 @@ def test_compare_tasks_pairs_examples(tmp_path):
     assert row["all"]["diff_points"] == pytest.approx(-100 / 6)
     assert row["all"]["diff_se_points"] == pytest.approx(100 * np.std([0, -1, 0, 0, 0, 0], ddof=1) / np.sqrt(6))
     assert row["all"]["ll_correct_diff"] == pytest.approx(-2 / 3) and row["rates"]["hit_rate"] is None
-    assert "| x | -33.3 (33.3) | +0.0 (0.0) | -16.7 (16.7) | -0.67 +- 0.42 |" in md
+    assert row["all"]["changed"] == pytest.approx(1 / 6)  # t's second example; u picks the same choice throughout
+    assert "| x | -33.3 (33.3) | +0.0 (0.0) | -16.7 (16.7) | 0.167 | -0.67 +- 0.42 |" in md
     # a run in parts (eval tasks --skip) joined with "+" is the whole run
     import json
 

@@ -283,11 +283,17 @@ def score_prefilled(model, context, continuations, buckets=bucket, cache_len: in
     return out
 
 
-def grades(ll: list[float], ntok: list[int], nchar: list[int], scores: list[float]) -> dict[str, float]:
-    """The grade of one example under each ranking: raw sum, per token, per character."""
+def picks(ll: list[float], ntok: list[int], nchar: list[int]) -> dict[str, int]:
+    """The choice one example's model ranks first under each ranking: raw sum, per token, per
+    character (ties: the first)."""
     ll = np.asarray(ll, np.float64)
     ranks = {"acc": ll, "acc_per_token": ll / np.maximum(ntok, 1), "acc_per_char": ll / np.maximum(nchar, 1)}
-    return {k: float(scores[int(np.argmax(v))]) for k, v in ranks.items()}  # argmax: the first of ties
+    return {k: int(np.argmax(v)) for k, v in ranks.items()}
+
+
+def grades(ll: list[float], ntok: list[int], nchar: list[int], scores: list[float]) -> dict[str, float]:
+    """The grade of one example under each ranking: the score of its first-ranked choice."""
+    return {k: float(scores[i]) for k, i in picks(ll, ntok, nchar).items()}
 
 
 @dataclass
