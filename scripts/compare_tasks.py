@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from moejax.eval.tasks import grades, picks, read_task  # noqa: E402
+from moejax.eval.tasks import picks, read_task  # noqa: E402
 
 RULES = ("acc", "acc_per_token", "acc_per_char")
 
@@ -44,19 +44,33 @@ def per_example(task: dict, n: int) -> dict[str, np.ndarray]:
     chars = _chars(task)
     out = {r: [] for r in RULES} | {"pick_" + r: [] for r in RULES} | {"ll_correct": []}
     for e, ch in zip(task["examples"][:n], chars):
-        g, pk = grades(e["ll"], e["tokens"], ch, e["scores"]), picks(e["ll"], e["tokens"], ch)
+        pk = picks(e["ll"], e["tokens"], ch)  # a grade is the score of the pick (eval.tasks.grades)
         for r in RULES:
-            out[r].append(g[r])
+            out[r].append(e["scores"][pk[r]])
             out["pick_" + r].append(pk[r])
         out["ll_correct"].append(e["ll"][int(np.argmax(e["scores"]))])
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
 
 
+def _guess(task: dict, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A uniformly random choice's grade per example, mean and variance [n] each."""
+    scores = [e["scores"] for e in task["examples"][:n]]
+    return np.asarray([np.mean(s) for s in scores]), np.asarray([np.var(s) for s in scores])
+
+
 def chance_se(task: dict, n: int) -> tuple[float, float]:
     """(chance, standard error of a random guess's mean grade) over the first n examples."""
-    p = np.asarray([np.mean(e["scores"]) for e in task["examples"][:n]])
-    var = np.asarray([np.var(e["scores"]) for e in task["examples"][:n]])
-    return float(p.mean()), float(np.sqrt(var.sum()) / n)
+    return _chance(*_guess(task, n))
+
+
+def _chance(p: np.ndarray, var: np.ndarray) -> tuple[float, float]:
+    return float(p.mean()), float(np.sqrt(var.sum()) / len(p))
+
+
+def _paired(d: np.ndarray, scale: float = 1.0) -> tuple[float, float]:
+    """(mean, standard error) of per-example differences d, times scale (100: points)."""
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return scale * float(d.mean()), scale * se
 
 
 def _row(name: str, base: dict, curs: list[dict], chance: float, se: float, rates: list[dict]) -> dict:
@@ -67,14 +81,12 @@ def _row(name: str, base: dict, curs: list[dict], chance: float, se: float, rate
            "ref_z": {r: (float(base[r].mean()) - chance) / se if se else float("nan") for r in RULES},
            "runs": []}
     for cur, rate in zip(curs, rates):
-        d = {r: cur[r] - base[r] for r in RULES}
-        dl = cur["ll_correct"] - base["ll_correct"]
+        d = {r: _paired(cur[r] - base[r], 100) for r in RULES}
+        ll, ll_se = _paired(cur["ll_correct"] - base["ll_correct"])
         row["runs"].append({
             "acc": {r: float(cur[r].mean()) for r in RULES},
-            "diff_points": {r: 100 * float(d[r].mean()) for r in RULES},
-            "diff_se_points": {r: 100 * float(d[r].std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan") for r in RULES},
-            "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-            **rate})
+            "diff_points": {r: d[r][0] for r in RULES}, "diff_se_points": {r: d[r][1] for r in RULES},
+            "ll_correct_diff": ll, "ll_correct_diff_se": ll_se, **rate})
     return row
 
 
@@ -90,9 +102,8 @@ def compare(ref: dict, runs: list[dict]) -> list[dict]:
         n = min([len(rt["examples"])] + [len(o["examples"]) for o in others])
         base, curs = per_example(rt, n), [per_example(o, n) for o in others]
         rates = [{k: o.get(k) for k in ("hit_rate", "substitution_rate", "skip_rate")} for o in others]
-        rows.append(_row(rt["task"], base, curs, *chance_se(rt, n), rates))
-        p = np.asarray([np.mean(e["scores"]) for e in rt["examples"][:n]])
-        var = np.asarray([np.var(e["scores"]) for e in rt["examples"][:n]])
+        p, var = _guess(rt, n)
+        rows.append(_row(rt["task"], base, curs, *_chance(p, var), rates))
         pooled.append((base, curs, p, var))
     if len(pooled) > 1:
         cat = lambda ds: {k: np.concatenate([d[k] for d in ds]) for k in ds[0]}  # noqa: E731
@@ -100,7 +111,7 @@ def compare(ref: dict, runs: list[dict]) -> list[dict]:
         curs = [cat([c[i] for _, c, _, _ in pooled]) for i in range(len(runs))]
         p, var = np.concatenate([x[2] for x in pooled]), np.concatenate([x[3] for x in pooled])
         rates = [{k: None for k in ("hit_rate", "substitution_rate", "skip_rate")} for _ in runs]
-        rows.append(_row("(all tasks)", base, curs, float(p.mean()), float(np.sqrt(var.sum()) / len(p)), rates))
+        rows.append(_row("(all tasks)", base, curs, *_chance(p, var), rates))
     return rows
 
 
@@ -128,29 +139,32 @@ def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, s
     "acc"); then all tasks pooled, each example graded by its task's rule; the mean change of
     the correct choice's log-likelihood over every example; the share of examples whose
     first-ranked choice differs from the reference's (under the task's rule, right or wrong);
-    and the run's own rates (the
-    whole run's, as `eval tasks` reports them; a run in parts: its first part's)."""
+    and the run's own rates (the whole run's, as `eval tasks` reports them; a run in parts:
+    its first part's)."""
     indexed = [{t["task"]: t for t in r["tasks"]} for r in runs]
     names = [t["task"] for t in ref["tasks"] if all(t["task"] in ix for ix in indexed)]
     refs = {t["task"]: t for t in ref["tasks"]}
+    ref_graded = {}  # (task, n) -> the reference's per_example, computed once for every run
     out = []
     for run, ix, label in zip(runs, indexed, labels):
         row, pooled, lls, changed = {"label": label, "tasks": {}}, [], [], []
         for name in names:
             n = min(len(refs[name]["examples"]), len(ix[name]["examples"]))
             rule = rules.get(name, "acc")
-            base, cur = per_example(refs[name], n), per_example(ix[name], n)
+            if (name, n) not in ref_graded:
+                ref_graded[name, n] = per_example(refs[name], n)
+            base, cur = ref_graded[name, n], per_example(ix[name], n)
             d = cur[rule] - base[rule]
+            diff, se = _paired(d, 100)
             row["tasks"][name] = {"rule": rule, "n": n, "ref": float(base[rule].mean()), "acc": float(cur[rule].mean()),
-                                  "diff_points": 100 * float(d.mean()),
-                                  "diff_se_points": 100 * float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")}
+                                  "diff_points": diff, "diff_se_points": se}
             pooled.append(d)
             lls.append(cur["ll_correct"] - base["ll_correct"])
             changed.append(cur["pick_" + rule] != base["pick_" + rule])
-        d, dl, ch = np.concatenate(pooled), np.concatenate(lls), np.concatenate(changed)
-        row["all"] = {"n": len(d), "diff_points": 100 * float(d.mean()), "diff_se_points": 100 * float(d.std(ddof=1) / np.sqrt(len(d))),
-                      "ll_correct_diff": float(dl.mean()), "ll_correct_diff_se": float(dl.std(ddof=1) / np.sqrt(len(dl))),
-                      "changed": float(ch.mean())}
+        d = np.concatenate(pooled)
+        (diff, se), (ll, ll_se) = _paired(d, 100), _paired(np.concatenate(lls))
+        row["all"] = {"n": len(d), "diff_points": diff, "diff_se_points": se, "ll_correct_diff": ll,
+                      "ll_correct_diff_se": ll_se, "changed": float(np.concatenate(changed).mean())}
         row["rates"] = {k: run.get("run", {}).get(k) for k in ("hit_rate", "substitution_rate", "skip_rate")}
         out.append(row)
     f = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
@@ -163,9 +177,10 @@ def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, s
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {a['diff_points']:+.1f} ({a['diff_se_points']:.1f})"
                      f" | {a['changed']:.3f} | {a['ll_correct_diff']:+.2f} +- {a['ll_correct_diff_se']:.2f} | {f(r['hit_rate'])} | "
                      f"{f(r['substitution_rate'])} | {f(r['skip_rate'])} |")
-    refrow = "| reference | " + " | ".join(f"{out[0]['tasks'][n]['ref']:.3f} (n {out[0]['tasks'][n]['n']})" for n in names) \
-        + " | | | | | | |" if out else ""
-    return out, "\n".join(lines[:2] + [refrow] + lines[2:]) + "\n"
+    if out:  # the reference's accuracies, under the first run's n
+        cells = [f"{t['ref']:.3f} (n {t['n']})" for t in out[0]["tasks"].values()]
+        lines.insert(2, "| reference | " + " | ".join(cells) + " |" + " |" * 6)
+    return out, "\n".join(lines) + "\n"
 
 
 def load_run(arg: str) -> dict:
