@@ -133,14 +133,17 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RUN_KEYS = ("hit_rate", "substitution_rate", "skip_rate", "prefetch_precision", "bytes_h2d")  # a run's own, --by-run
+
+
 def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, str]) -> tuple[list[dict], str]:
     """One row per run (e.g. an alpha sweep against alpha 0): per task, the difference from
     the reference in points (paired s.e.) under that task's rule (rules: task -> rule, default
     "acc"); then all tasks pooled, each example graded by its task's rule; the mean change of
     the correct choice's log-likelihood over every example; the share of examples whose
     first-ranked choice differs from the reference's (under the task's rule, right or wrong);
-    and the run's own rates (the whole run's, as `eval tasks` reports them; a run in parts:
-    its first part's)."""
+    and the run's own rates, prefetch precision and decode bytes moved to the device (the whole
+    run's, as `eval tasks` reports them; a run in parts: its first part's)."""
     indexed = [{t["task"]: t for t in r["tasks"]} for r in runs]
     names = [t["task"] for t in ref["tasks"] if all(t["task"] in ix for ix in indexed)]
     refs = {t["task"]: t for t in ref["tasks"]}
@@ -165,21 +168,26 @@ def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, s
         (diff, se), (ll, ll_se) = _paired(d, 100), _paired(np.concatenate(lls))
         row["all"] = {"n": len(d), "diff_points": diff, "diff_se_points": se, "ll_correct_diff": ll,
                       "ll_correct_diff_se": ll_se, "changed": float(np.concatenate(changed).mean())}
-        row["rates"] = {k: run.get("run", {}).get(k) for k in ("hit_rate", "substitution_rate", "skip_rate")}
+        row["rates"] = {k: run.get("run", {}).get(k) for k in RUN_KEYS}
         out.append(row)
     f = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+    gb = lambda v: "" if v is None else f"{v / 1e9:.1f}"  # noqa: E731
     head = "| run | " + " | ".join(f"{n} ({rules.get(n, 'acc')})" for n in names) + \
-        " | all tasks | choice changed | correct choice's log-lik., nats | hit rate | subst. rate | skip rate |"
-    lines = [head, "|" + "---|" * (len(names) + 7)]
+        (" | all tasks | choice changed | correct choice's log-lik., nats | hit rate | subst. rate | skip rate"
+         " | prefetch precision | decode GB to device |")
+    lines = [head, "|" + "---|" * (len(names) + 9)]
     for row in out:
         cells = [f"{t['diff_points']:+.1f} ({t['diff_se_points']:.1f})" for t in row["tasks"].values()]
         a, r = row["all"], row["rates"]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {a['diff_points']:+.1f} ({a['diff_se_points']:.1f})"
                      f" | {a['changed']:.3f} | {a['ll_correct_diff']:+.2f} +- {a['ll_correct_diff_se']:.2f} | {f(r['hit_rate'])} | "
-                     f"{f(r['substitution_rate'])} | {f(r['skip_rate'])} |")
-    if out:  # the reference's accuracies, under the first run's n
+                     f"{f(r['substitution_rate'])} | {f(r['skip_rate'])} | {f(r['prefetch_precision'])} | "
+                     f"{gb(r['bytes_h2d'])} |")
+    if out:  # the reference's accuracies, under the first run's n, and its own rates
         cells = [f"{t['ref']:.3f} (n {t['n']})" for t in out[0]["tasks"].values()]
-        lines.insert(2, "| reference | " + " | ".join(cells) + " |" + " |" * 6)
+        r = {k: ref.get("run", {}).get(k) for k in RUN_KEYS}
+        lines.insert(2, "| reference | " + " | ".join(cells) + " | | | | " + " | ".join(
+            [f(r[k]) for k in RUN_KEYS[:-1]] + [gb(r["bytes_h2d"])]) + " |")
     return out, "\n".join(lines) + "\n"
 
 

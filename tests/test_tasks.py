@@ -259,14 +259,16 @@ def test_compare_tasks_pairs_examples(tmp_path):
     assert rows[-1]["ref_z"]["acc"] == pytest.approx((2 / 3 - 0.5) / (np.sqrt(6 * 0.25) / 6))
     # --by-run: one row per run, each task under its own rule (u per token: every choice there
     # loses to the 4-token one, in both runs), pooled over the six examples
-    out, md = compare_tasks.run_table(two(ref), [two(cur)], ["x"], {"u": "acc_per_token"})
+    rates = {"hit_rate": 0.5, "substitution_rate": 0.25, "skip_rate": 0.0, "prefetch_precision": 0.75, "bytes_h2d": 3e9}
+    out, md = compare_tasks.run_table(two(ref) | {"run": rates}, [two(cur)], ["x"], {"u": "acc_per_token"})
     row = out[0]
     assert row["tasks"]["t"]["diff_points"] == pytest.approx(-100 / 3) and row["tasks"]["u"]["diff_points"] == 0
     assert row["all"]["diff_points"] == pytest.approx(-100 / 6)
     assert row["all"]["diff_se_points"] == pytest.approx(100 * np.std([0, -1, 0, 0, 0, 0], ddof=1) / np.sqrt(6))
     assert row["all"]["ll_correct_diff"] == pytest.approx(-2 / 3) and row["rates"]["hit_rate"] is None
     assert row["all"]["changed"] == pytest.approx(1 / 6)  # t's second example; u picks the same choice throughout
-    assert "| x | -33.3 (33.3) | +0.0 (0.0) | -16.7 (16.7) | 0.167 | -0.67 +- 0.42 |" in md
+    assert "| x | -33.3 (33.3) | +0.0 (0.0) | -16.7 (16.7) | 0.167 | -0.67 +- 0.42 |  |  |  |  |  |" in md
+    assert "| reference | 0.667 (n 3) | 0.000 (n 3) | | | | 0.500 | 0.250 | 0.000 | 0.750 | 3.0 |" in md
     # a run in parts (eval tasks --skip) joined with "+" is the whole run
     import json
 
