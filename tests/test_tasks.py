@@ -275,3 +275,31 @@ def test_compare_tasks_pairs_examples(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"tasks": [ref["tasks"][0] | {"examples": ref["tasks"][0]["examples"][:1]}]}))
     (tmp_path / "b.json").write_text(json.dumps({"tasks": [ref["tasks"][0] | {"examples": ref["tasks"][0]["examples"][1:]}]}))
     assert compare_tasks.load_run(f"{tmp_path}/a.json+{tmp_path}/b.json") == ref
+
+
+def test_alpha_table_rows(tmp_path):
+    """scripts/alpha_table.py: one row per label from the ppl, bench and tasks JSONs, ratios
+    against the first row, '-' for a missing file, exit code 2 on mismatched lists."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import alpha_table
+
+    def write(name, obj):
+        (tmp_path / name).write_text(json.dumps(obj))
+        return str(tmp_path / name)
+
+    ppl = [write(f"p{i}.json", {"ppl": v, "top1_agreement": 1.0 - i / 10, "kl": i / 100, "tokens": 120})
+           for i, v in enumerate((20.0, 25.0))]
+    rec = lambda ms: {"records": [{"tpot_ms": ms, "tpot_ms_trials": [ms, ms + 1], "bytes_h2d_per_token": 4e6,  # noqa: E731
+                                   "hit_rate": 0.5}]}
+    tpot = [write("t0.json", rec(200.0)), write("t1.json", rec(150.0))]
+    tasks = write("k1.json", {"run": {"hit_rate": 0.9, "substitution_rate": 0.0, "skip_rate": 0.25, "bytes_h2d": 2.5e9}})
+    out = alpha_table.rows(["a0", "skip"], ppl, tpot, ["-", tasks])
+    assert out[1]["ppl_change"] == pytest.approx(0.25) and out[1]["tpot_ratio"] == pytest.approx(0.75)
+    assert out[1]["rate"] == 0.25 and out[1]["decode_gb"] == 2.5 and "hit_rate" not in out[0]
+    md = alpha_table.markdown(out)
+    assert "| skip | 25.000 | +25.0% | 0.900 | 0.0100 | 0.900 | 0.250 | 2.5 | 150.0 (150.0, 151.0) | 0.75 | 4.0 |" in md
+    assert alpha_table.main(["--labels", "a0,skip", "--ppl", ppl[0]]) == 2
