@@ -213,9 +213,18 @@ def main(argv=None) -> int:
     ap.add_argument("--by-run", action="store_true",
                     help="one row per run (an alpha sweep): per task and pooled differences, log-lik., rates")
     ap.add_argument("--rules", default="", help="with --by-run: task=rule,... (acc, acc_per_token, acc_per_char; default acc)")
+    ap.add_argument("--only", default="", help="comma-separated tasks to compare (default: every task all runs have); "
+                    "a run's rates stay the whole run's")
     args = ap.parse_args(argv)
     ref = load_run(args.reference)
     runs = [load_run(p) for p in args.runs]
+    only = [t for t in args.only.split(",") if t]
+    missing = sorted(set(only) - {t["task"] for t in ref["tasks"]})
+    if missing:
+        print(f"error: --only: the reference has no task {missing[0]!r}", file=sys.stderr)
+        return 2
+    for run in [ref, *runs] if only else []:
+        run["tasks"] = [t for t in run["tasks"] if t["task"] in only]
     labels = args.labels.split(",") if args.labels else [Path(p).stem for p in args.runs]
     if args.by_run:
         rules = dict(kv.split("=", 1) for kv in args.rules.split(",") if kv)

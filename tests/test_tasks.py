@@ -269,8 +269,15 @@ def test_compare_tasks_pairs_examples(tmp_path):
     assert row["all"]["changed"] == pytest.approx(1 / 6)  # t's second example; u picks the same choice throughout
     assert "| x | -33.3 (33.3) | +0.0 (0.0) | -16.7 (16.7) | 0.167 | -0.67 +- 0.42 |  |  |  |  |  |" in md
     assert "| reference | 0.667 (n 3) | 0.000 (n 3) | | | | 0.500 | 0.250 | 0.000 | 0.750 | 3.0 |" in md
-    # a run in parts (eval tasks --skip) joined with "+" is the whole run
+    # a run in parts (eval tasks --skip) joined with "+" is the whole run; --only keeps some tasks
     import json
+
+    (tmp_path / "r.json").write_text(json.dumps(two(ref)))
+    (tmp_path / "c.json").write_text(json.dumps(two(cur)))
+    assert compare_tasks.main([f"{tmp_path}/r.json", f"{tmp_path}/c.json", "--by-run", "--only", "u",
+                               "--json", f"{tmp_path}/o.json"]) == 0
+    assert list(json.loads((tmp_path / "o.json").read_text())["rows"][0]["tasks"]) == ["u"]
+    assert compare_tasks.main([f"{tmp_path}/r.json", f"{tmp_path}/c.json", "--only", "nope"]) == 2
 
     (tmp_path / "a.json").write_text(json.dumps({"tasks": [ref["tasks"][0] | {"examples": ref["tasks"][0]["examples"][:1]}]}))
     (tmp_path / "b.json").write_text(json.dumps({"tasks": [ref["tasks"][0] | {"examples": ref["tasks"][0]["examples"][1:]}]}))
