@@ -170,8 +170,10 @@ def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, s
                       "ll_correct_diff_se": ll_se, "changed": float(np.concatenate(changed).mean())}
         row["rates"] = {k: run.get("run", {}).get(k) for k in RUN_KEYS}
         out.append(row)
-    f = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
-    gb = lambda v: "" if v is None else f"{v / 1e9:.1f}"  # noqa: E731
+    def run_cells(r: dict) -> str:  # RUN_KEYS in order; bytes as GB
+        return " | ".join("" if r[k] is None else f"{r[k] / 1e9:.1f}" if k == "bytes_h2d" else f"{r[k]:.3f}"
+                          for k in RUN_KEYS)
+
     head = "| run | " + " | ".join(f"{n} ({rules.get(n, 'acc')})" for n in names) + \
         (" | all tasks | choice changed | correct choice's log-lik., nats | hit rate | subst. rate | skip rate"
          " | prefetch precision | decode GB to device |")
@@ -180,14 +182,11 @@ def run_table(ref: dict, runs: list[dict], labels: list[str], rules: dict[str, s
         cells = [f"{t['diff_points']:+.1f} ({t['diff_se_points']:.1f})" for t in row["tasks"].values()]
         a, r = row["all"], row["rates"]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {a['diff_points']:+.1f} ({a['diff_se_points']:.1f})"
-                     f" | {a['changed']:.3f} | {a['ll_correct_diff']:+.2f} +- {a['ll_correct_diff_se']:.2f} | {f(r['hit_rate'])} | "
-                     f"{f(r['substitution_rate'])} | {f(r['skip_rate'])} | {f(r['prefetch_precision'])} | "
-                     f"{gb(r['bytes_h2d'])} |")
+                     f" | {a['changed']:.3f} | {a['ll_correct_diff']:+.2f} +- {a['ll_correct_diff_se']:.2f} | {run_cells(r)} |")
     if out:  # the reference's accuracies, under the first run's n, and its own rates
         cells = [f"{t['ref']:.3f} (n {t['n']})" for t in out[0]["tasks"].values()]
-        r = {k: ref.get("run", {}).get(k) for k in RUN_KEYS}
-        lines.insert(2, "| reference | " + " | ".join(cells) + " | | | | " + " | ".join(
-            [f(r[k]) for k in RUN_KEYS[:-1]] + [gb(r["bytes_h2d"])]) + " |")
+        own = {k: ref.get("run", {}).get(k) for k in RUN_KEYS}
+        lines.insert(2, "| reference | " + " | ".join(cells) + " | | | | " + run_cells(own) + " |")
     return out, "\n".join(lines) + "\n"
 
 
