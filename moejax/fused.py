@@ -36,7 +36,7 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
-from moejax.offload.cache import default_fetch_mode, new_pool, read_first, write_fetches
+from moejax.offload.cache import default_fetch_mode, new_pool, ordered_after, write_fetches
 from moejax.offload.importance import SIMILARITY_MODES, classify
 from moejax.offload.store import Parts
 from moejax.offload.policies import make_policy
@@ -121,7 +121,8 @@ class FusedEngine(OffloadedGeneration):
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
                  similarity: dict[int, np.ndarray] | None = None, score_window: int = 16,
-                 parts: Parts | None = None, link=None, fetch_mode: str | None = None):
+                 parts: Parts | None = None, link=None, fetch_mode: str | None = None,
+                 xla_options: dict | None = None):
         from moejax.offload.store import Link, load_parts
 
         cfg, glob, layers, self.store = parts or load_parts(Path(path))
@@ -130,6 +131,7 @@ class FusedEngine(OffloadedGeneration):
         self.config, self.batch, self.cache_len = cfg, batch, cache_len
         self.device = jax.devices()[0]
         self.fetch_mode = fetch_mode or default_fetch_mode(self.device)  # cache.write_fetches
+        self.xla_options = dict(xla_options or {})  # added to every program's compiler options
         self.policy_name, self.link = policy, link or Link()
         self.policy = make_policy(policy, alpha, substitute, score_window)
         self.module = Decoder(cfg, glob, layers, offloaded=True)  # dense weights -> device
@@ -210,24 +212,19 @@ class FusedEngine(OffloadedGeneration):
             return x + out.reshape(x.shape), kv, pool, state
         none = jnp.zeros(cfg.num_experts, bool)
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
-        once = jnp.minimum(jnp.sum(idx >= 0), 1)  # a traced 1 (cache.read_first)
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
         if pol.prefetch and nxt is not None:  # from the pool before this layer's fetches land
-            like = (jnp.zeros(idx.size, jnp.int32), jnp.zeros(idx.size, bool))  # predicted ids, valid
-            pool, predicted = read_first(pool, lambda p: predict_next(cfg, pol, nxt, x, h, dense, p, before,
-                                                                      before >= 0, weights), once, like)
+            predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
+            fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         slots = state["table"][mi][experts]  # [N, k]
-        if pol.prefetch and nxt is not None:  # the prefetch below writes into the pool: after these reads
-            pool, routed = read_first(pool, lambda p: moe.experts_indexed(h, p, slots, weights, cfg.quant),
-                                      once, jnp.zeros_like(h))
-        else:
-            routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
+        routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
         if pol.prefetch and nxt is not None:
             state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+            pf = dataclasses.replace(pf, slots=ordered_after(pf.slots, routed))  # after this layer's reads
             pool = write_fetches(pool, nxt_stack, pf, self.store.device_sharding, self.fetch_mode)
         return x, kv, pool, state
 
@@ -339,7 +336,7 @@ class FusedEngine(OffloadedGeneration):
             if key not in self.compiled_programs:
                 fn = (self._decode_fn if kind == "decode" else self._prefill_fn)(temperature, top_p)
                 # the decode loop: as generate.bound_steps' (no hoisting of the embedding's convert)
-                opts = NO_HOIST if kind == "decode" else None
+                opts = {**(NO_HOIST if kind == "decode" else {}), **self.xla_options} or None
                 todo[key] = jax.jit(fn, donate_argnums=(2, 3, 4), compiler_options=opts).lower(*args)
         if not todo:
             return

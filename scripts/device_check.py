@@ -2,25 +2,36 @@
 
     PYTHONPATH=. python scripts/device_check.py --out DIR [--deadline 480]
 
-Parts, most wanted first (each writes DIR/NAME.json; a part that fails does not lose the
-rest; parts not started by --deadline seconds are skipped and say so):
+Parts, most wanted first. Each part's record goes into DIR/device_check.json (one file,
+rewritten after every part, so a run stopped by its timeout keeps the parts it finished; the
+device tool returns at most 8 files); onepass_check.py writes into DIR/onepass/. A part that
+fails does not lose the rest; parts not started by --deadline seconds are skipped and say so.
+Compiled programs go to moejax's persistent compilation cache, so a program two parts share
+compiles once.
 1. device: the device and its memory kinds (is `pinned_host` there?);
 2. onepass: scripts/onepass_check.py (in-program fetches: async? overlapped with compute?);
    chunked: the fused engine's 16-step decode program (a while loop whose body reads host
    memory) against one step per call, on a small random model; if the loop fails or differs
    here, every later part runs one step per call (generate.CHUNK = 1) and its record says so;
-3. bench_padded: the fused engine on the bundled model with its experts zero-padded to
+3. bandwidth: host -> device `jax.device_put` from pinned host memory and from numpy;
+   overlap: scripts/overlap_probe.py (transfers and matmuls alone and together); both take
+   seconds, so they run before the long parts;
+4. bench_padded: the fused engine on the bundled model with its experts zero-padded to
    Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB experts):
    resident, lru and smoe at 100% and 25%, batch 1 and 3 (issue 11's GPU goals);
-4. bandwidth: host -> device `jax.device_put` from pinned host memory and from numpy;
-5. overlap: scripts/overlap_probe.py (transfers and matmuls alone and together);
-6. exactness: both engines against the resident model on this device (lru, smoe; 25%);
+5. exactness: both engines against the resident model on this device (lru, smoe; 25%);
+6. fetch_modes: scripts/fetch_modes.py on the padded model, smoe at 25%, batch 1 and 3: the
+   fetch modes cond (the GPU default: a conditional per fetch slot), loop (a while loop per
+   layer) and cond@graphs (cond with conditionals in CUDA graphs) side by side. Without CUDA
+   graphs each conditional and each loop iteration makes the GPU wait for the host to read its
+   predicate (docs/benchmarks.md, "Host waits per decode step");
 7. bench_bundled: the bundled model itself, both engines side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -32,16 +43,17 @@ from pathlib import Path
 import numpy as np
 
 
-def part(out: Path, name: str, fn) -> None:
+def part(records: dict, path: Path, name: str, fn) -> None:
+    """Run one part, add its record to `records` and rewrite `path` with all of them."""
     t = time.perf_counter()
     try:
         result = fn()
         status = "ok"
     except Exception as e:  # a device check reports, it does not stop the others
         result, status = {"error": repr(e), "traceback": traceback.format_exc()}, "failed"
-    result = {"status": status, "seconds": time.perf_counter() - t, **result}
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"[{name}] {status} in {result['seconds']:.1f} s", flush=True)
+    records[name] = {"status": status, "seconds": time.perf_counter() - t, **result}
+    path.write_text(json.dumps(records, indent=2, default=str) + "\n")
+    print(f"[{name}] {status} in {records[name]['seconds']:.1f} s", flush=True)
 
 
 def device_info():
@@ -176,9 +188,20 @@ def onepass(out: Path):
     import subprocess
 
     script = Path(__file__).with_name("onepass_check.py")
+    out.mkdir(parents=True, exist_ok=True)
     r = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True, timeout=300)
     res = json.loads((out / "onepass.json").read_text()) if (out / "onepass.json").is_file() else {}
     return {"returncode": r.returncode, "stderr_tail": r.stderr[-2000:], **res}
+
+
+def fetch_modes(model_dir: Path, tmp: Path, alpha: float, trials: int):
+    from fetch_modes import main as run_fetch_modes  # scripts/ is on sys.path when this script runs
+
+    path = tmp / "fetch_modes.json"
+    run_fetch_modes(["--model", str(model_dir), "--json", str(path), "--configs", "25%:smoe", "--batches", "1,3",
+                     "--modes", "cond,loop,cond@graphs", "--alpha", str(alpha), "--trials", str(trials),
+                     "--new-tokens", "24"])
+    return json.loads(path.read_text())
 
 
 def padded(root: Path) -> Path:
@@ -203,27 +226,34 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     skip, t0 = set(a.skip.split(",")), time.perf_counter()
+    records, path = {}, a.out / "device_check.json"
+    from moejax.api import enable_compile_cache
+
+    enable_compile_cache()
 
     def run(name, fn):
         if name in skip:
             return
         if time.perf_counter() - t0 > a.deadline:
-            (a.out / f"{name}.json").write_text(json.dumps({"status": "skipped: past --deadline"}) + "\n")
+            records[name] = {"status": "skipped: past --deadline"}
+            path.write_text(json.dumps(records, indent=2, default=str) + "\n")
             print(f"[{name}] skipped (deadline)", flush=True)
             return
-        part(a.out, name, fn)
+        part(records, path, name, fn)
 
-    part(a.out, "device", device_info)
-    run("onepass", lambda: onepass(a.out))
+    part(records, path, "device", device_info)
+    run("onepass", lambda: onepass(a.out / "onepass"))
     with tempfile.TemporaryDirectory() as tmp:
         small = Path(tmp) / "small"
         random_checkpoint(small, 256, 4, 16, 4, 128, 256, "float32")
         run("chunked", lambda: chunked(small))
-        run("bench_padded", lambda: bench(padded(Path(tmp)), a.alpha, [1, 3], a.trials, 32, ("fused",),
-                                          ["resident", "lru", "smoe"]))
         run("bandwidth", bandwidth)
         run("overlap", overlap)
+        big = functools.cache(lambda: padded(Path(tmp)))  # made by the first part that needs it
+        run("bench_padded", lambda: bench(big(), a.alpha, [1, 3], a.trials, 32, ("fused",),
+                                          ["resident", "lru", "smoe"]))
         run("exactness", lambda: exactness(small))
+        run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
         from moejax import api
 
         # the converted copy (the repository holds the Hugging Face checkpoint): run_bench reads moejax's format

@@ -1,6 +1,8 @@
 """The fused engine's fetch modes side by side (--modes): "cond" (each in-program fetch inside a
 lax.cond, so a resident expert moves no bytes), "cond-write" (the fetch and its write into the
-pool inside the lax.cond; the CPU default) and "always" (every fetch slot copies, branch-free).
+pool inside the lax.cond; the CPU default), "loop" (a while loop over the layer's fetches) and
+"always" (every fetch slot copies, branch-free). A mode with "@graphs" ("cond@graphs") compiles
+its programs with XLA:GPU command buffers that hold conditionals and loops (GRAPHS below).
 
     python scripts/fetch_modes.py --trials 7 --new-tokens 64 --json docs/results/cpu_fetch_modes.json \
         [--h200-plugin DIR]
@@ -44,6 +46,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TRIVIAL = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple"}
 HLO_TYPES = {"uint16": "u16", "float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # pool dtype -> HLO
+# "MODE@graphs": the mode's programs compiled with XLA:GPU command buffers (CUDA graphs) that may
+# hold conditionals and while loops, so that a branch or a loop's next iteration is decided on
+# the device. Without them every conditional and every loop iteration makes the GPU wait while
+# the host reads the predicate. Ignored by XLA:CPU.
+GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
+
+
+def engine_mode(mode: str) -> tuple[str, dict]:
+    """"cond" -> ("cond", {}); "cond@graphs" -> ("cond", GRAPHS): the engine's fetch mode and
+    compiler options."""
+    base, _, extra = mode.partition("@")
+    if extra not in ("", "graphs"):
+        raise SystemExit(f"unknown fetch mode suffix in {mode!r}: only @graphs")
+    return base, GRAPHS if extra else {}
 
 
 # ---- HLO text ---------------------------------------------------------------------------
@@ -104,6 +120,39 @@ def cpu_hlo_check(text: str, pool_shape: tuple[int, ...], pool_dtype: str) -> di
             "dynamic_update_slices": ops.get("dynamic-update-slice", 0), "copies": ops.get("copy", 0)}
 
 
+def step_inventory(comps: dict[str, list[dict]]) -> dict:
+    """What one decode step launches on a GPU: the instructions of the step loop's body (the
+    while loop whose metadata is the decode program's own `while`), with nested loops' bodies
+    and each conditional's larger branch (every fetch taken), counted once; trivial ones
+    (parameters, constants, bitcasts, tuples) left out. Each conditional, and each iteration of
+    a loop, makes the GPU wait for the host to read the predicate unless CUDA graphs hold it:
+    `host_waits` = conditionals + loops (+ one per loop iteration, which depends on the data)."""
+    def count(name, acc):
+        for i in comps.get(name, []):
+            if i["op"] in TRIVIAL:
+                continue
+            acc[i["op"]] += 1
+            if i["op"] == "while":
+                for key in ("condition", "body"):
+                    count(re.search(key + r"=%?([\w.\-]+)", i["rest"]).group(1), acc)
+            elif i["op"] == "conditional":
+                branches = []
+                for b in _called(i):
+                    branches.append(Counter())
+                    count(b, branches[-1])
+                acc.update(max(branches, key=lambda c: sum(c.values())))
+        return acc
+
+    outer = [i for instrs in comps.values() for i in instrs
+             if i["op"] == "while" and 'op_name="jit(steps)/while"' in i["rest"]]
+    if len(outer) != 1:
+        return {"error": f"{len(outer)} step loops found"}
+    ops = count(re.search(r"body=%?([\w.\-]+)", outer[0]["rest"]).group(1), Counter())
+    return {"ops": sum(ops.values()), "conditionals": ops["conditional"], "loops": ops["while"],
+            "host_waits_without_graphs": f"{ops['conditional'] + ops['while']} + loop iterations",
+            "by_op": dict(ops.most_common(8))}
+
+
 def h200_hlo_check(text: str, pool_shape: tuple[int, ...]) -> dict:
     """Async host->device copies (an async start whose operand is in host memory, S(5)), where
     they are scheduled, and what remains of conditionals and whole-pool copies."""
@@ -127,6 +176,7 @@ def h200_hlo_check(text: str, pool_shape: tuple[int, ...]) -> dict:
     ops = Counter(i["op"] for instrs in comps.values() for i in instrs)
     entry = Counter(i["op"] for i in comps.get("ENTRY", []))
     return {
+        "per_step": step_inventory(comps),
         "host_params_S5": sum(1 for i in comps.get("ENTRY", []) if i["op"] == "parameter" and "S(5)" in i["shape"]),
         "async_h2d_pairs": dict(Counter(pairs)), "async_h2d_pairs_in_cond_branches": in_branch,
         "async_h2d_pairs_in_entry": in_entry,
@@ -214,7 +264,8 @@ def main(argv=None) -> int:
         for budget, policy in configs:
             settings = {"alpha": a.alpha, "substitute": "window"} if policy == "smoe" else {}
             engines = {m: FusedEngine(path, policy, parse_budget(budget), batch=batch, cache_len=S, parts=parts,
-                                      fetch_mode=m, **settings) for m in modes}
+                                      fetch_mode=engine_mode(m)[0], xla_options=engine_mode(m)[1], **settings)
+                       for m in modes}
             runs = {m: [] for m in modes}
             for trial in range(a.trials):
                 for m in (modes if trial % 2 == 0 else modes[::-1]):
@@ -227,7 +278,7 @@ def main(argv=None) -> int:
                 steps = len(gens[-1].step_s)
                 slots = fetch_slots(e)
                 needed = t.bytes_h2d_decode / steps
-                moved = slots * e.store.expert_bytes if m == "always" else needed
+                moved = slots * e.store.expert_bytes if e.fetch_mode == "always" else needed
                 rows.append({
                     "batch": batch, "budget": budget, "policy": policy, "alpha": settings.get("alpha", 0.0),
                     "fetch_mode": m, "pool_slots": e.plan.pool_slots, "fetch_slots_per_step": slots,
@@ -240,7 +291,7 @@ def main(argv=None) -> int:
                     "decode_steps": steps, "transfers": t.transfers, "transfers_per_step": t.transfers / steps,
                     "prefetch_issued": t.prefetch_issued, "bytes_h2d_decode": t.bytes_h2d_decode,
                     "bytes_needed_per_step": needed, "bytes_moved_per_step": moved,
-                    "bytes_moved_source": "config: fetch slots x expert bytes, every step" if m == "always" else
+                    "bytes_moved_source": "config: fetch slots x expert bytes, every step" if e.fetch_mode == "always" else
                     "counters (fetched x expert bytes)",
                     "same_tokens_as_cond": all(g.tokens == c.tokens for (g, _), (c, _) in zip(runs[m], runs["cond"])),
                 })

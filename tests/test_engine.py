@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 import moejax  # noqa: E402
 from moejax.engine import ENGINES, OffloadEngine, make_engine  # noqa: E402
 from moejax.generate import pad_prompt  # noqa: E402
-from moejax.offload.cache import FETCH_MODES  # noqa: E402
+from moejax.offload.cache import FETCH_MODES, ordered_after  # noqa: E402
 from moejax.offload.budget import plan_budget  # noqa: E402
 from tiny import hf_config  # noqa: E402
 
@@ -298,6 +298,18 @@ def test_pool_split_per_layer_must_hold_one_step(models, kind):
     path, model = models["mixtral"]  # 2 MoE layers x 6 experts, top-2: 25% = 3 slots, 1 per layer
     with pytest.raises(MoejaxError, match="one step needs 2"):
         _engine(kind, path, "lru", ("pct", 0.25), per_layer=True)
+
+
+def test_ordered_after_keeps_the_slots_whatever_the_reads_hold():
+    """The dependency ordered_after adds (test_fused_never_recompiles_and_never_copies_the_pool:
+    it keeps XLA from copying the pool) is false at run time for any value, NaN and inf included."""
+    import jax.numpy as jnp
+
+    slots = jnp.array([3, 0, 7], jnp.int32)
+    reads = (jnp.array([[1.0, -2.0], [jnp.nan, jnp.inf]]), jnp.array([-jnp.inf, 0.0], jnp.bfloat16),
+             jnp.array([5, -1]), jnp.array([True, False]))
+    out = jax.jit(ordered_after)(slots, *reads)
+    assert out.dtype == slots.dtype and out.tolist() == [3, 0, 7]
 
 
 def test_fetch_modes_make_the_same_run(models):

@@ -101,14 +101,16 @@ def write_block(pool, block, slot):
     return lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype), slot, axis=0)
 
 
-def read_first(pool, fn, once, like):
-    """(pool, fn(pool)), such that in-place writes into the returned pool come after fn's reads.
-    Without this, XLA copies the whole pool when a write (a prefetch) does not depend on a read
-    (this layer's expert compute): it may not reorder them otherwise. fn runs in a loop of
-    `once` iterations, a traced 1 (XLA would inline a loop it knows runs once, and drops
-    optimization barriers before it decides on copies). like: zeros shaped as fn's output."""
-
-    def body(_, carry):
-        return lax.optimization_barrier((carry[0], fn(carry[0])))
-
-    return lax.fori_loop(0, once, body, (pool, like))
+def ordered_after(slots, *reads):
+    """slots (int32: where writes into the pool go), made to depend on `reads` (arrays computed
+    from the pool's contents), so that XLA orders those writes after the reads and updates the
+    pool in place. Without it XLA copies the whole pool when a write (a fetch, a prefetch) does
+    not depend on a read of the same pool (the next layer's prediction, this layer's expert
+    compute): it may not reorder them otherwise. The dependency is r * 0 > 0 for any element of
+    r: false at run time whatever r holds (0, or NaN for NaN and inf), and XLA does not fold a
+    float product by zero (|r| < 0 it folds). It costs one small reduction, where a loop around
+    the reads would make a GPU wait on the host."""
+    never = jnp.zeros((), bool)
+    for r in reads:
+        never = never | jnp.any(r.astype(jnp.float32) * 0 > 0)
+    return jnp.where(never, 0, slots).astype(slots.dtype)
