@@ -36,7 +36,7 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
-from moejax.offload.cache import default_fetch_mode, new_pool, ordered_after, write_fetches
+from moejax.offload.cache import DEFAULT_FETCH_MODE, new_pool, ordered_after, write_fetches
 from moejax.offload.importance import SIMILARITY_MODES, classify
 from moejax.offload.store import Parts
 from moejax.offload.policies import make_policy
@@ -130,7 +130,7 @@ class FusedEngine(OffloadedGeneration):
             raise MoejaxError("the fused engine needs pinned_host memory on this backend; use --engine stepwise")
         self.config, self.batch, self.cache_len = cfg, batch, cache_len
         self.device = jax.devices()[0]
-        self.fetch_mode = fetch_mode or default_fetch_mode(self.device)  # cache.write_fetches
+        self.fetch_mode = fetch_mode or DEFAULT_FETCH_MODE  # cache.write_fetches
         self.xla_options = dict(xla_options or {})  # added to every program's compiler options
         self.policy_name, self.link = policy, link or Link()
         self.policy = make_policy(policy, alpha, substitute, score_window)

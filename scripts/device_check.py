@@ -21,10 +21,10 @@ compiles once.
    resident, lru and smoe at 100% and 25%, batch 1 and 3 (issue 11's GPU goals);
 5. exactness: both engines against the resident model on this device (lru, smoe; 25%);
 6. fetch_modes: scripts/fetch_modes.py on the padded model, smoe at 25%, batch 1 and 3: the
-   fetch modes cond (the GPU default: a conditional per fetch slot), loop (a while loop per
-   layer) and cond@graphs (cond with conditionals in CUDA graphs) side by side. Without CUDA
-   graphs each conditional and each loop iteration makes the GPU wait for the host to read its
-   predicate (docs/benchmarks.md, "Host waits per decode step");
+   fetch modes cond (a conditional per fetch slot), loop (the default: a while loop per layer)
+   and both with CUDA graphs that hold conditionals and loops (cond@graphs, loop@graphs) side
+   by side. Without CUDA graphs each conditional and each loop iteration makes the GPU wait
+   for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step");
 7. bench_bundled: the bundled model itself, both engines side by side.
 """
 
@@ -199,7 +199,7 @@ def fetch_modes(model_dir: Path, tmp: Path, alpha: float, trials: int):
 
     path = tmp / "fetch_modes.json"
     run_fetch_modes(["--model", str(model_dir), "--json", str(path), "--configs", "25%:smoe", "--batches", "1,3",
-                     "--modes", "cond,loop,cond@graphs", "--alpha", str(alpha), "--trials", str(trials),
+                     "--modes", "cond,loop,cond@graphs,loop@graphs", "--alpha", str(alpha), "--trials", str(trials),
                      "--new-tokens", "24"])
     return json.loads(path.read_text())
 

@@ -184,12 +184,14 @@ def test_fused_never_recompiles_and_never_copies_the_pool(models):
         seen.add(tuple(np.asarray(e.state["owner"]).tolist()))
     assert len(seen) > 1  # the cached set did change
     assert e.compiled_programs == programs and compiles == []
-    # the CPU's fetch mode (cond-write) and the others' (cond): no program copies the pool
-    other = _engine("fused", path, "smoe", ("pct", 0.25), alpha=0.5, fetch_mode="cond")
-    other.prepare(7)
-    assert e.fetch_mode == "cond-write" and len(other.compiled_programs) == 2
+    # the default fetch mode (loop) and the conditional ones: no program copies the pool
+    others = [_engine("fused", path, "smoe", ("pct", 0.25), alpha=0.5, fetch_mode=m) for m in ("cond", "cond-write")]
+    for other in others:
+        other.prepare(7)
+        assert len(other.compiled_programs) == 2
+    assert e.fetch_mode == "loop"
     pool_shape = "[" + ",".join(map(str, e.pool.shape)) + "]"
-    for program in [*programs.values(), *other.compiled_programs.values()]:
+    for program in [*programs.values(), *(p for o in others for p in o.compiled_programs.values())]:
         copies = [line for line in program.as_text().splitlines()
                   if " copy(" in line and pool_shape in line.split(" copy(")[0]]
         assert copies == []
@@ -313,7 +315,7 @@ def test_ordered_after_keeps_the_slots_whatever_the_reads_hold():
 
 
 def test_fetch_modes_make_the_same_run(models):
-    """cond, cond-write (the CPU's default), loop and always differ only in how the copies run:
+    """cond, cond-write, loop (the default) and always differ only in how the copies run:
     same tokens and decisions, and the resident model's tokens at alpha 0."""
     path, model = models["mixtral"]
     prompt = _prompt(model, seed=7)

@@ -17,11 +17,12 @@ from jax import lax
 FETCH_MODES = ("cond", "cond-write", "loop", "always")
 
 
-def default_fetch_mode(device) -> str:
-    """"cond-write" on a CPU, "cond" elsewhere: XLA:GPU copies the whole pool for a write inside
-    a conditional branch (HLO compiled for an H200: 26 pool-shaped copies per decode step of the
-    bundled model at 25%), XLA:CPU writes in place and saves a copy of each fetched expert."""
-    return "cond-write" if device.platform == "cpu" else "cond"
+# The fused engine's default miss path on every platform (benchmarks.md, "The miss path"): on
+# the CPU as fast as cond-write (paired 0.89-1.03) and 1.5x faster to compile, with the smallest
+# temporaries; compiled for an H200 it has one loop per layer where cond has a conditional per
+# fetch slot, and each of those makes a GPU wait for the host (11 + fetches against 44 per
+# smoe step at batch 1, 11 + fetches against 132 at batch 3, on the bundled model).
+DEFAULT_FETCH_MODE = "loop"
 
 
 def storage_dtype(dtype):
@@ -52,7 +53,10 @@ def fetch_block(stack, expert, device_sharding):
     """Inside a jitted program: one expert [3, H, I] of a host stack [E, 3, H, I] (pinned_host)
     copied to device memory. A dynamic slice, never a gather (a gather on a host array fails
     on CPU and becomes host compute on GPU); XLA:GPU makes it an async copy."""
-    return jax.device_put(lax.dynamic_index_in_dim(stack, expert, 0, keepdims=False), device_sharding)
+    # expert ids are never negative: no wrap of negative indices (one kernel less per fetch on a GPU)
+    block = lax.dynamic_slice(stack, (expert,) + (0,) * (stack.ndim - 1), (1, *stack.shape[1:]),
+                              allow_negative_indices=False)
+    return jax.device_put(block[0], device_sharding)
 
 
 @partial(jax.jit, static_argnums=(2,))
@@ -66,8 +70,11 @@ def write_fetches(pool, stack, fetches, device_sharding, mode: str = "cond"):
       "cond":   one fetch slot per possible miss, each copy inside a lax.cond, then one
                 unconditional in-place write (unused slots write to the scratch slot);
       "cond-write": the copy and its write into the pool both inside the lax.cond (one copy
-                of the expert instead of two; for XLA:CPU only, see default_fetch_mode);
-      "loop":   a while loop of `count` iterations, copy + in-place write each;
+                of the expert instead of two; XLA:GPU copies the whole pool for a write
+                inside a branch: 26 pool-shaped copies per decode step of the bundled model
+                at 25%, compiled for an H200);
+      "loop":   a while loop of `count` iterations, copy + in-place write each (the default,
+                DEFAULT_FETCH_MODE);
       "always": branch-free: every fetch slot copies, needed or not.
     "cond", "cond-write" and "loop" move no bytes for a resident expert."""
     if mode == "loop":
