@@ -137,6 +137,9 @@ def step_inventory(comps: dict[str, list[dict]]) -> dict:
         for i in comps.get(name, []):
             if i["op"] in TRIVIAL:
                 continue
+            if i["op"] == "call":  # an outlined computation: count what it runs
+                count(re.search(r"to_apply=%?([\w.\-]+)", i["rest"]).group(1), acc)
+                continue
             acc[i["op"]] += 1
             if i["op"] == "while":
                 for key in ("condition", "body"):

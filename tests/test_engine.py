@@ -327,3 +327,27 @@ def test_fetch_modes_make_the_same_run(models):
         assert g.tokens == ref.tokens, mode
         runs.add((str(g.tokens), e.telemetry.transfers, e.telemetry.decode_hits, e.telemetry.prefetch_issued))
     assert len(runs) == 1 and e.telemetry.transfers > 0
+
+
+def test_step_inventory_counts_conditionals_and_loops_in_the_step_loop():
+    """scripts/fetch_modes.py's count of what makes a GPU wait for the host in one decode step:
+    the conditionals and while loops inside the step loop (outlined calls followed), none outside."""
+    import sys
+    from pathlib import Path
+
+    from jax import lax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from fetch_modes import parse_hlo, step_inventory
+
+    def steps(x, n):  # named as the fused engine's decode function
+        def body(i, c):
+            c = lax.cond(c.sum() > 0, lambda c: c * 2, lambda c: c + 1, c)
+            return lax.fori_loop(0, n, lambda j, c: c + j, c)  # traced bound: a while loop
+        x = lax.cond(x.sum() > 0, lambda x: x - 1, lambda x: x, x)  # before the step loop: not counted
+        return lax.fori_loop(0, n, body, x)
+
+    inv = step_inventory(parse_hlo(jax.jit(steps).lower(jnp.ones(4), 3).compile().as_text()))
+    assert (inv["conditionals"], inv["loops"]) == (1, 1)
+    assert inv["host_waits_without_graphs"] == "2 + loop iterations"
