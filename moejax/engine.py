@@ -75,7 +75,7 @@ def _moe_out(x, h, dense, pool, slots, weights, quant=None):
 
 @partial(jax.jit, static_argnums=(8,))
 def _ordered(h, pool, rows, ids, ok, idx, weights, acc, quant=None):
-    return moe.experts_ordered(h, pool, rows, ids, ok, idx, weights, acc, quant)[0]
+    return moe.experts_ordered(h, pool, rows, ids, ok, idx, weights, acc, quant)
 
 
 @jax.jit

@@ -235,8 +235,8 @@ class FusedEngine(OffloadedGeneration):
         E = cfg.num_experts
         if self.full:  # every expert resident: the resident model's loop over all experts
             ids = jnp.arange(E, dtype=jnp.int32)
-            acc, pool = moe.experts_ordered(h, pool, mi * E + ids, ids, jnp.ones(E, bool), idx, weights,
-                                            jnp.zeros_like(h), cfg.quant)
+            acc = moe.experts_ordered(h, pool, mi * E + ids, ids, jnp.ones(E, bool), idx, weights,
+                                      jnp.zeros_like(h), cfg.quant)
             return x + (dense + acc).reshape(x.shape), kv, pool, state
         need, n_need = D.needed_sorted(idx, valid, cfg.num_experts)
         G, groups = D.prefill_groups(lay)
@@ -246,9 +246,11 @@ class FusedEngine(OffloadedGeneration):
             group = need[g * G:(g + 1) * G]
             ok = g * G + jnp.arange(G) < n_need
             state, fetches = D.prefill_group_step(lay, pol, state, mi, group, ok)
+            if g:  # after the previous group's reads of the pool
+                fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, acc))
             pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
             rows = jnp.where(ok, state["table"][mi][group], 0)
-            acc, pool = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc, cfg.quant)
+            acc = moe.experts_ordered(h, pool, rows, group, ok, idx, weights, acc, cfg.quant)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, need[: cfg.num_experts], jnp.arange(cfg.num_experts) < n_need)
         return x + (dense + acc).reshape(x.shape), kv, pool, state

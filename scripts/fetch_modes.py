@@ -131,8 +131,10 @@ def step_inventory(comps: dict[str, list[dict]]) -> dict:
     while loop whose metadata is the decode program's own `while`), with nested loops' bodies
     and each conditional's larger branch (every fetch taken), counted once; trivial ones
     (parameters, constants, bitcasts, tuples) left out. Each conditional, and each iteration of
-    a loop, makes the GPU wait for the host to read the predicate unless CUDA graphs hold it:
-    `host_waits` = conditionals + loops (+ one per loop iteration, which depends on the data)."""
+    a loop, makes the GPU wait for the host to read the predicate unless CUDA graphs hold it
+    (XLA's ConditionalThunk and WhileThunk; a loop whose trip count XLA knows does not wait, but
+    the fetch loops' counts are data): `host_waits` = conditionals + loops (+ one per loop
+    iteration, which depends on the data)."""
     def count(name, acc):
         for i in comps.get(name, []):
             if i["op"] in TRIVIAL:

@@ -61,9 +61,9 @@ def main(argv=None) -> int:
                 w = jnp.asarray(rng.random((N, k)), jnp.float32)
                 acc = jnp.zeros((N, H), dt)
                 fns = {
-                    "kernel": jax.jit(lambda x, s, i, w, c: moe.experts_ordered(x, s, ids, ids, jnp.ones(E, bool), i, w, c)[0]),
+                    "kernel": jax.jit(lambda x, s, i, w, c: moe.experts_ordered(x, s, ids, ids, jnp.ones(E, bool), i, w, c)),
                     "dense": jax.jit(lambda x, s, i, w, c: moe._ordered_jnp(x, s, ids, ids, jnp.ones(E, bool), i, w, c,
-                                                                          None)[0]),
+                                                                          None)),
                     "einsum": jax.jit(lambda x, s, i, w, c: einsum(x, s, i, w)),
                 }
                 times = {}

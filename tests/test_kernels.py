@@ -61,11 +61,11 @@ def test_experts_ordered_matches_jnp_and_groups(dt):
     rows = jnp.arange(S, dtype=jnp.int32)
     ok = jnp.ones(S, bool).at[4].set(False)
     acc = jnp.asarray(rng.standard_normal((N, 300)), dt)
-    got = jax.jit(moe.experts_ordered)(x, stack, rows, rows, ok, idx, w, acc)[0]
-    ref = jax.jit(moe._ordered_jnp, static_argnums=8)(x, stack, rows, rows, ok, idx, w, acc, None)[0]
+    got = jax.jit(moe.experts_ordered)(x, stack, rows, rows, ok, idx, w, acc)
+    ref = jax.jit(moe._ordered_jnp, static_argnums=8)(x, stack, rows, rows, ok, idx, w, acc, None)
     np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
-    first = jax.jit(moe.experts_ordered)(x, stack, rows[:6], rows[:6], ok[:6], idx, w, acc)[0]
-    both = jax.jit(moe.experts_ordered)(x, stack, rows[6:], rows[6:], ok[6:], idx, w, first)[0]
+    first = jax.jit(moe.experts_ordered)(x, stack, rows[:6], rows[:6], ok[:6], idx, w, acc)
+    both = jax.jit(moe.experts_ordered)(x, stack, rows[6:], rows[6:], ok[6:], idx, w, first)
     assert np.array_equal(f32(both), f32(got))  # the offloaded prefill's groups: bit for bit one call
 
 
@@ -123,9 +123,9 @@ def test_a_token_gets_the_same_bits_alone_or_among_others(dt):
     wts = jnp.asarray(rng.random((N, k)), jnp.float32)
     rows, acc = jnp.arange(S, dtype=jnp.int32), jnp.asarray(rng.standard_normal((N, H)), dt)
     ordered = jax.jit(moe.experts_ordered)
-    many = f32(ordered(x, stack, rows, rows, jnp.ones(S, bool), idx, wts, acc)[0])
+    many = f32(ordered(x, stack, rows, rows, jnp.ones(S, bool), idx, wts, acc))
     for n in range(N):
-        one = ordered(x[n:n + 1], stack, rows, rows, jnp.ones(S, bool), idx[n:n + 1], wts[n:n + 1], acc[n:n + 1])[0]
+        one = ordered(x[n:n + 1], stack, rows, rows, jnp.ones(S, bool), idx[n:n + 1], wts[n:n + 1], acc[n:n + 1])
         assert np.array_equal(many[n], f32(one)[0])
 
 
@@ -146,8 +146,8 @@ def test_quantized_experts_match_jnp(scheme, group, dt, N, H, I):
     np.testing.assert_allclose(f32(decode(x, rows, ids, w)), f32(ref), atol=tol(dt, ref))
     every, acc = jnp.arange(S, dtype=jnp.int32), jnp.zeros((N, H), dt)
     args = (x, rows, every, every, jnp.ones(S, bool), ids, w, acc)
-    got = jax.jit(lambda *a: moe.experts_ordered(*a, quant=q))(*args)[0]
-    ref = jax.jit(lambda *a: moe._ordered_jnp(*a, q))(*args)[0]
+    got = jax.jit(lambda *a: moe.experts_ordered(*a, quant=q))(*args)
+    ref = jax.jit(lambda *a: moe._ordered_jnp(*a, q))(*args)
     np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
 
 

@@ -128,46 +128,35 @@ def experts_ordered(x, stack, rows, ids, ok, idx, weights, acc, quant=None):
     """Many tokens (prefill), one expert at a time in ascending id order: for each position p
     with ok[p], acc += weight of expert ids[p] per token * FFN(x) with the block stack[rows[p]].
     x, acc [N, H]; stack [S, 3, H, I] (or [S, B], quant); rows, ids, ok [G]; idx, weights [N, k]
-    -> (acc [N, H], stack: pass it on, so XLA need not copy a pool written afterwards).
+    -> acc [N, H].
 
     The resident model calls it once with every expert (rows = ids = 0..E-1); the offloaded
-    engines call it group by group with the experts they hold in their pool. Experts no token
-    routes to add exactly zero, so both sum every token's experts in the same order with the
-    same arithmetic: offloaded prefill is bit for bit the resident one. On the CPU the expert
-    kernel computes the same sums in the same order, each expert only for its routed tokens."""
+    engines call it group by group with the experts they hold in their pool (a write into the
+    pool after it is ordered after its reads with `cache.ordered_after` on the returned acc).
+    Experts no token routes to add exactly zero, so both sum every token's experts in the same
+    order with the same arithmetic: offloaded prefill is bit for bit the resident one. On the
+    CPU the expert kernel computes the same sums in the same order, each expert only for its
+    routed tokens."""
     if not _kernel(x, stack, quant):
         return _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)
     out = jax.ShapeDtypeStruct(acc.shape, acc.dtype)
-
-    def call(stack, acc):
-        kernel = lambda: jax.ffi.ffi_call("moejax_experts_ordered", out, input_output_aliases={7: 0})(  # noqa: E731
-            x, stack, rows.astype(jnp.int32), ids.astype(jnp.int32), ok.astype(bool), idx.astype(jnp.int32),
-            weights.astype(jnp.float32), acc, **_layout(quant))
-        return jax.lax.platform_dependent(
-            cpu=kernel, default=lambda: _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant)[0])
-
-    # The stack comes out of the kernel's loop, so that a later in-place write into it (the
-    # offloaded prefill's next group of fetches) is ordered after the kernel's read and XLA need
-    # not copy the pool. A loop of a traced single iteration: XLA inlines a loop it knows runs
-    # once, and drops optimization barriers before it decides on copies.
-    once = jnp.minimum(jnp.sum(ids >= 0), 1)
-    body = lambda _, c: jax.lax.optimization_barrier((c[0], call(*c)))  # noqa: E731
-    stack, acc = jax.lax.fori_loop(0, once, body, (stack, acc))
-    return acc, stack
+    kernel = lambda: jax.ffi.ffi_call("moejax_experts_ordered", out, input_output_aliases={7: 0})(  # noqa: E731
+        x, stack, rows.astype(jnp.int32), ids.astype(jnp.int32), ok.astype(bool), idx.astype(jnp.int32),
+        weights.astype(jnp.float32), acc, **_layout(quant))
+    return jax.lax.platform_dependent(
+        cpu=kernel, default=lambda: _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant))
 
 
 def _ordered_jnp(x, stack, rows, ids, ok, idx, weights, acc, quant):
-    def body(p, carry):
-        acc, stack = carry
+    def body(p, acc):
         e = ids[p]
         w = jnp.sum(jnp.where(idx == e, weights, 0.0), axis=-1)  # [N] float32: one term at most
         blk = block(stack, rows[p], x.dtype, quant)  # [3, H, I]
         y = jax.nn.silu(x @ blk[0]) * (x @ blk[1])  # [N, I]
         y = jnp.einsum("ni,hi->nh", y, blk[2])  # [N, H]
-        acc = jnp.where(ok[p], acc + y * w[:, None].astype(y.dtype), acc)
-        return jax.lax.optimization_barrier((acc, stack))  # JAX would forward an untouched carry
+        return jnp.where(ok[p], acc + y * w[:, None].astype(y.dtype), acc)
 
-    return jax.lax.fori_loop(0, ids.shape[0], body, (acc, stack))
+    return jax.lax.fori_loop(0, ids.shape[0], body, acc)
 
 
 def ffn(x, w):
@@ -187,4 +176,4 @@ def experts_resident(x, experts, idx, weights, decode: bool, quant=None):
         return experts_indexed(x, experts, idx, weights, quant)
     E = experts.shape[0]
     ids = jnp.arange(E, dtype=jnp.int32)
-    return experts_ordered(x, experts, ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(x), quant)[0]
+    return experts_ordered(x, experts, ids, ids, jnp.ones(E, bool), idx, weights, jnp.zeros_like(x), quant)
