@@ -18,7 +18,7 @@ FETCH_MODES = ("cond", "cond-write", "loop", "always")
 
 
 # The fused engine's default miss path on every platform (benchmarks.md, "The miss path"): on
-# the CPU as fast as cond-write (paired 0.89-1.03) and 1.5x faster to compile, with the smallest
+# the CPU as fast as cond-write (paired 0.89-1.03) and ~1.45x faster to compile, with the smallest
 # temporaries; compiled for an H200 it has one loop per layer where cond has a conditional per
 # fetch slot, and each of those makes a GPU wait for the host (11 + fetches against 44 per
 # smoe step at batch 1, 11 + fetches against 132 at batch 3, on the bundled model).
@@ -64,7 +64,7 @@ def fetch_one(stack, expert, device_sharding):
     return fetch_block(stack, expert, device_sharding)
 
 
-def write_fetches(pool, stack, fetches, device_sharding, mode: str = "cond"):
+def write_fetches(pool, stack, fetches, device_sharding, mode: str = DEFAULT_FETCH_MODE):
     """pool [S + 1, 3, H, I] (the last slot is scratch) <- experts fetches.experts[:count] of a
     host stack at fetches.slots[:count]. Modes (docs/benchmarks.md measures them):
       "cond":   one fetch slot per possible miss, each copy inside a lax.cond, then one
