@@ -4,7 +4,8 @@ Routed experts stay in host memory (one pinned_host stack per MoE layer) and are
 arguments. Inside the program, per MoE layer: attention, router, importance and
 substitution, the policy's plan (`offload.decisions`: hits, evictions, slots), the fetches
 of missing experts into the donated device pool (`cache.write_fetches`: a dynamic slice of
-the host stack + device_put, inside a `lax.cond` so that a resident expert moves no bytes),
+the host stack + device_put per missing expert, by default in a loop over the layer's misses,
+so that a resident expert moves no bytes),
 the expert compute from the pool, and for prefetching policies the next layer's prediction
 and its prefetches. Then the LM head and sampling. The host sends a token and gets the next
 one; decision state and telemetry counters stay on the device and are read once per run.

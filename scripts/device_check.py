@@ -44,6 +44,10 @@ from pathlib import Path
 import numpy as np
 
 
+def save(records: dict, path: Path) -> None:
+    path.write_text(json.dumps(records, indent=2, default=str) + "\n")
+
+
 def part(records: dict, path: Path, name: str, fn) -> None:
     """Run one part, add its record to `records` and rewrite `path` with all of them."""
     t = time.perf_counter()
@@ -53,7 +57,7 @@ def part(records: dict, path: Path, name: str, fn) -> None:
     except Exception as e:  # a device check reports, it does not stop the others
         result, status = {"error": repr(e), "traceback": traceback.format_exc()}, "failed"
     records[name] = {"status": status, "seconds": time.perf_counter() - t, **result}
-    path.write_text(json.dumps(records, indent=2, default=str) + "\n")
+    save(records, path)
     print(f"[{name}] {status} in {records[name]['seconds']:.1f} s", flush=True)
 
 
@@ -237,7 +241,7 @@ def main(argv=None) -> int:
             return
         if time.perf_counter() - t0 > a.deadline:
             records[name] = {"status": "skipped: past --deadline"}
-            path.write_text(json.dumps(records, indent=2, default=str) + "\n")
+            save(records, path)
             print(f"[{name}] skipped (deadline)", flush=True)
             return
         part(records, path, name, fn)

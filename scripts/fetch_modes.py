@@ -65,7 +65,8 @@ def engine_mode(mode: str) -> tuple[str, dict]:
 def _options(mode: str) -> dict:
     """FusedEngine's xla_options for a mode, only where it has some (so that this script also
     runs against an engine from before xla_options, for a before/after of its HLO)."""
-    return {"xla_options": engine_mode(mode)[1]} if engine_mode(mode)[1] else {}
+    options = engine_mode(mode)[1]
+    return {"xla_options": options} if options else {}
 
 
 # ---- HLO text ---------------------------------------------------------------------------
