@@ -16,17 +16,18 @@ compiles once.
 3. bandwidth: host -> device `jax.device_put` from pinned host memory and from numpy;
    overlap: scripts/overlap_probe.py (transfers and matmuls alone and together); both take
    seconds, so they run before the long parts;
-4. bench_padded: the fused engine on the bundled model with its experts zero-padded to
-   Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB experts):
-   resident, lru and smoe at 100% and 25%, batch 1 and 3 (issue 11's GPU goals);
+4. bench_padded_b1, bench_padded_b3: the fused engine on the bundled model with its experts
+   zero-padded to Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB
+   experts): resident, lru and smoe at 100% and 25% at batch 1, at 25% at batch 3 (issue 11's
+   GPU goals);
 5. exactness: both engines against the resident model on this device (lru, smoe; 25%);
-6. fetch_modes: scripts/fetch_modes.py on the padded model, smoe at 25%, batch 1 (batch 3's
+6. bench_bundled: the bundled model itself, both engines side by side;
+7. fetch_modes: scripts/fetch_modes.py on the padded model, smoe at 25%, batch 1 (batch 3's
    program takes ~2 min to compile for an H200 per mode, on this repository's CPU): the
    fetch modes cond (a conditional per fetch slot), loop (the default: a while loop per layer)
    and both with CUDA graphs that hold conditionals and loops (cond@graphs, loop@graphs) side
    by side. Without CUDA graphs each conditional and each loop iteration makes the GPU wait
-   for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step");
-7. bench_bundled: the bundled model itself, both engines side by side.
+   for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step").
 """
 
 from __future__ import annotations
@@ -177,14 +178,15 @@ def chunked(model_dir: Path):
 
 
 def bench(model_dir: Path, alpha: float, batches, trials: int, new_tokens: int, engines, policies,
-          budgets=("100%", "25%")):
+          budgets=("100%", "25%"), on_record=None):
+    """on_record(records so far): keeps the finished records of a part its timeout stops."""
     from moejax import generate
     from moejax.bench import machine, markdown, run_bench
     from moejax.offload.budget import parse_budget
 
     records = run_bench(model_dir, [(b, parse_budget(b)) for b in budgets], batches, policies, new_tokens, 16,
                         trials, dict(alpha=alpha, substitute="window", similarity=None, score_window=16),
-                        progress=False, engines=engines)
+                        progress=False, engines=engines, on_record=on_record)
     return {"meta": machine(), "alpha": alpha, "decode_steps_per_call": generate.CHUNK, "records": records,
             "markdown": markdown(records)}
 
@@ -255,16 +257,25 @@ def main(argv=None) -> int:
         run("bandwidth", bandwidth)
         run("overlap", overlap)
         big = functools.cache(lambda: padded(Path(tmp)))  # made by the first part that needs it
-        run("bench_padded", lambda: bench(big(), a.alpha, [1, 3], a.trials, 32, ("fused",),
-                                          ["resident", "lru", "smoe"]))
+
+        def partial(name):  # a bench part's finished records, saved as they come
+            def keep(recs):
+                records[name] = {"status": "partial (stopped before the part ended)", "records": list(recs)}
+                save(records, path)
+            return keep
+
+        run("bench_padded_b1", lambda: bench(big(), a.alpha, [1], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
+                                             on_record=partial("bench_padded_b1")))
+        run("bench_padded_b3", lambda: bench(big(), a.alpha, [3], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
+                                             ("25%",), on_record=partial("bench_padded_b3")))
         run("exactness", lambda: exactness(small))
-        run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
         from moejax import api
 
         # the converted copy (the repository holds the Hugging Face checkpoint): run_bench reads moejax's format
         bundled = api.resolve(Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe")
         run("bench_bundled", lambda: bench(bundled, a.alpha, [1, 3], a.trials, 32, ("fused", "stepwise"),
-                                           ["resident", "lru", "smoe"]))
+                                           ["resident", "lru", "smoe"], on_record=partial("bench_bundled")))
+        run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
     return 0
 
 
