@@ -213,3 +213,48 @@ def test_substitute_matches_the_host_reference():
         assert np.asarray(changed).tolist() == want_changed.tolist(), (case, mode, alpha)
         n_changed[mode] += int(want_changed.sum())
     assert min(n_changed.values()) >= 10, n_changed  # the cases do substitute, in every mode
+
+
+def _substitute_reference(probs, idx, alpha, avail, mode, sim):
+    """The rules of the module docstring, one token and one low-score expert at a time (numpy)."""
+    N, k = idx.shape
+    E = probs.shape[1]
+    S, top = map(np.asarray, classify(probs, idx, alpha))
+    usable = np.zeros(E, bool)
+    usable[list(avail)] = True
+    usable[idx[top]] = True
+    out, changed = idx.copy(), np.zeros(idx.shape, bool)
+    for n in range(N):
+        cands = usable.copy()
+        cands[idx[n]] = False
+        if mode != "similarity":
+            cands &= probs[n] > np.float32(1.0 - alpha) * S[n]
+        for j in np.argsort(-probs[n, idx[n]], kind="stable"):
+            e = idx[n, j]
+            if top[n, j] or usable[e] or not cands.any():
+                continue
+            if mode == "window":
+                rank = np.where(cands, probs[n], -np.inf)
+            else:
+                s = np.where(cands, sim[e], -np.inf)
+                rank = np.where(cands & (s == s.max()), probs[n], -np.inf)
+            out[n, j], changed[n, j] = np.argmax(rank), True
+            cands[out[n, j]] = False
+    return out, changed
+
+
+@pytest.mark.parametrize("mode", ["window", "hybrid", "similarity"])
+def test_substitute_matches_one_token_at_a_time(mode):
+    """The batch-vectorised substitution equals the rules applied token by token."""
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        N, E, k = rng.integers(1, 5), 16, int(rng.integers(1, 5))
+        logits = rng.normal(size=(N, E)) * rng.uniform(0.1, 3)
+        probs = (np.exp(logits) / np.exp(logits).sum(1, keepdims=True)).astype(np.float32)
+        idx = _topk(probs, k)
+        alpha = float(rng.uniform(0.05, 0.9))
+        avail = set(rng.choice(E, size=rng.integers(0, E), replace=False).tolist())
+        sim = rng.uniform(size=(E, E)).round(1).astype(np.float32)  # ties on purpose
+        out, changed = map(np.asarray, substitute(probs, idx, alpha, avail, mode, sim))
+        want_out, want_changed = _substitute_reference(probs, idx, alpha, avail, mode, sim)
+        assert np.array_equal(out, want_out) and np.array_equal(changed, want_changed)

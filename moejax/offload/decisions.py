@@ -86,6 +86,28 @@ def _count(state, name, n):
     return {**state, "counters": {**state["counters"], name: state["counters"][name] + jnp.asarray(n, jnp.int32)}}
 
 
+def member(ids, ok, size: int):
+    """bool [size]: which of 0..size-1 are among the ok entries of ids (any shape)."""
+    ids, ok = jnp.asarray(ids).reshape(-1), jnp.broadcast_to(ok, jnp.shape(ids)).reshape(-1)
+    return ((ids[:, None] == jnp.arange(size)) & ok[:, None]).any(axis=0)
+
+
+def put(x, at, values, ok, add: bool = False):
+    """x with x.flat[at[i]] = values[i] (add: += values[i]) for the ok i, whose `at` are distinct.
+
+    A compare and select instead of a scatter: these arrays are tiny, and on a GPU each scatter
+    is a kernel of its own (often with a copy of x), while selects fuse with their neighbours.
+    values may be a scalar."""
+    flat, at = x.reshape(-1), jnp.asarray(at).reshape(-1)
+    match = (at[:, None] == jnp.arange(flat.shape[0])) & jnp.broadcast_to(ok, at.shape).reshape(-1)[:, None]
+    vals = jnp.broadcast_to(jnp.asarray(values, flat.dtype), at.shape).reshape(-1)[:, None]  # [n, 1]
+    if add:
+        return (flat + jnp.where(match, vals, 0).sum(axis=0, dtype=flat.dtype)).reshape(x.shape)
+    new = jnp.where(match, vals, jnp.zeros((), flat.dtype))
+    new = new.any(axis=0) if flat.dtype == jnp.bool_ else new.sum(axis=0, dtype=flat.dtype)  # one match at most
+    return jnp.where(match.any(axis=0), new, flat).reshape(x.shape)
+
+
 def unique_first(ids, valid=None, size: int | None = None):
     """ids [M] -> (unique ids [U] in first-use order, ok [U], count). U = size or M; entries
     past the count are 0 and not ok."""
@@ -108,7 +130,7 @@ def compact(values, mask):
 
 def _owner_mask(state, layout: Layout, m: int, experts, ok):
     """bool [S]: slots holding one of `experts` (ok entries) of MoE layer m."""
-    want = jnp.zeros(layout.experts + 1, bool).at[jnp.where(ok, experts, layout.experts)].set(True)[:-1]
+    want = member(experts, ok, layout.experts)
     own = state["owner"]
     return (own >= 0) & (own // layout.experts == m) & want[jnp.maximum(own, 0) % layout.experts]
 
@@ -140,38 +162,35 @@ def assign(state, layout: Layout, m: int, experts, slots, n):
     S, E = layout.slots, layout.experts
     ok = jnp.arange(experts.shape[0]) < n
     slots = jnp.where(ok, slots, S)
-    old = jnp.where(ok, state["owner"].at[slots].get(mode="fill", fill_value=-1), -1)
-    ol, oe = jnp.maximum(old, 0) // E, jnp.where(old >= 0, old % E, E)
-    table = state["table"].at[ol, oe].set(-1, mode="drop")
-    prefetched = state["prefetched"].at[ol, oe].set(False, mode="drop")
-    e = jnp.where(ok, experts, E)
-    table = table.at[m, e].set(slots, mode="drop")
-    owner = state["owner"].at[slots].set(m * E + experts, mode="drop")
+    old = jnp.where(ok, state["owner"].at[slots].get(mode="fill", fill_value=-1), -1)  # layer * E + expert
+    table = put(state["table"], old, -1, old >= 0)
+    prefetched = put(state["prefetched"], old, False, old >= 0)
+    table = put(table, m * E + experts, slots, ok)
+    owner = put(state["owner"], slots, m * E + experts, ok)
     return {**state, "table": table, "owner": owner, "prefetched": prefetched}
 
 
 def release(state, layout: Layout, m: int, experts, ok):
     """Evict the ok experts of MoE layer m (on-demand loading keeps nothing)."""
     E = layout.experts
-    e = jnp.where(ok, experts, E)
-    slots = state["table"].at[m, e].get(mode="fill", fill_value=-1)
-    owner = state["owner"].at[jnp.where(slots >= 0, slots, layout.slots)].set(-1, mode="drop")
-    return {**state, "owner": owner, "table": state["table"].at[m, e].set(-1, mode="drop")}
+    slots = state["table"].at[m, jnp.where(ok, experts, E)].get(mode="fill", fill_value=-1)
+    owner = put(state["owner"], slots, -1, slots >= 0)
+    return {**state, "owner": owner, "table": put(state["table"], m * E + experts, -1, ok)}
 
 
 def touch(state, layout: Layout, m: int, experts, ok, n):
     """One use of each ok expert of layer m, in order: the clock ticks once per expert."""
-    e = jnp.where(ok, experts, layout.experts)
+    at = m * layout.experts + experts
     ticks = state["clock"] + 1 + jnp.arange(experts.shape[0], dtype=jnp.int32)
-    return {**state, "last_use": state["last_use"].at[m, e].set(ticks, mode="drop"),
-            "count": state["count"].at[m, e].add(1, mode="drop"), "clock": state["clock"] + n.astype(jnp.int32)}
+    return {**state, "last_use": put(state["last_use"], at, ticks, ok),
+            "count": put(state["count"], at, 1, ok, add=True), "clock": state["clock"] + n.astype(jnp.int32)}
 
 
 def observe(state, m: int, probs):
     """Score eviction's window: the batch mean of this decode step's probabilities [N, E]."""
     W = state["hist"].shape[1]
     hist = state["hist"].at[m, state["hist_n"][m] % W].set(jnp.mean(probs.astype(jnp.float32), axis=0))
-    return {**state, "hist": hist, "hist_n": state["hist_n"].at[m].add(1)}
+    return {**state, "hist": hist, "hist_n": state["hist_n"] + (jnp.arange(state["hist_n"].shape[0]) == m)}
 
 
 @dataclass
@@ -229,7 +248,7 @@ def plan_decode(state, layout: Layout, policy, m: int, experts, pending=None):
     shield = _owner_mask(state, layout, m, uniq, ok)
     slots = choose_slots(state, layout, policy, m, nf, shield, U)
     used_prefetch = jnp.sum(ok & state["prefetched"][m][uniq])
-    state = {**state, "prefetched": state["prefetched"].at[m, jnp.where(ok, uniq, E)].set(False, mode="drop")}
+    state = {**state, "prefetched": put(state["prefetched"], m * E + uniq, False, ok)}
     state = assign(state, layout, m, fetch, slots, nf)
     state = touch(state, layout, m, uniq, ok, n)
     for name, v in (("hits", jnp.sum(ok & landed[uniq])), ("unique", n), ("fetched", nf),
@@ -252,8 +271,7 @@ def plan_prefetch(state, layout: Layout, policy, m: int, predicted, valid, shiel
     nf = jnp.minimum(n_want, room(state, layout, m, shield))
     slots = choose_slots(state, layout, policy, m, nf, shield, uniq.shape[0])
     state = assign(state, layout, m, want, slots, nf)
-    mark = jnp.where(jnp.arange(want.shape[0]) < nf, want, E)
-    state = {**state, "prefetched": state["prefetched"].at[m, mark].set(True, mode="drop")}
+    state = {**state, "prefetched": put(state["prefetched"], m * E + want, True, jnp.arange(want.shape[0]) < nf)}
     state = _count(_count(state, "prefetch_issued", nf), "fetched", nf)
     return state, Fetches(want, slots, nf)
 
@@ -280,7 +298,7 @@ def prefill_groups(layout: Layout) -> tuple[int, int]:
 def needed_sorted(idx, valid_tokens, E: int):
     """Prefill routing idx [N, k] of tokens with valid_tokens [N] -> (experts any valid token
     routes to, ascending, padded to [E]; their count)."""
-    need = jnp.zeros(E + 1, bool).at[jnp.where(valid_tokens[:, None], idx, E)].set(True)[:-1]
+    need = member(idx, valid_tokens[:, None], E)
     return compact(jnp.arange(E, dtype=jnp.int32), need)
 
 

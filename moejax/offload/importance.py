@@ -31,6 +31,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.offload.decisions import member
+
 MODES = ("window", "similarity", "hybrid", "skip")
 SIMILARITY_MODES = ("similarity", "hybrid")  # the modes that read a similarity table
 
@@ -38,8 +40,9 @@ SIMILARITY_MODES = ("similarity", "hybrid")  # the modes that read a similarity 
 def threshold_s(probs, idx):
     """probs [N, E], selected idx [N, k] -> S [N], the highest probability of an expert
     each token did not select."""
-    unselected = jnp.asarray(probs).at[jnp.arange(idx.shape[0])[:, None], idx].set(-jnp.inf)
-    return unselected.max(axis=-1)
+    probs = jnp.asarray(probs)
+    selected = (jnp.asarray(idx)[:, :, None] == jnp.arange(probs.shape[-1])).any(axis=1)  # [N, E]
+    return jnp.where(selected, -jnp.inf, probs).max(axis=-1)
 
 
 def classify(probs, idx, alpha: float):
@@ -72,30 +75,33 @@ def substitute(probs, idx, alpha: float, available, mode: str = "window", simila
         return idx, jnp.zeros(idx.shape, bool)
     S, top = classify(probs, idx, alpha)
     p_sel = jnp.take_along_axis(probs, idx, axis=-1)  # [N, k]
-    batch_top = jnp.zeros(E, bool).at[jnp.where(top, idx, E)].set(True, mode="drop")
+    batch_top = member(idx, top, E)
     usable = _mask(available, E) | batch_top  # on the device, or computed anyway
     if mode == "skip":
         return skip(p_sel, idx, top, usable)
-    out, changed = idx, jnp.zeros(idx.shape, bool)
-    for n in range(N):
-        selected = jnp.zeros(E, bool).at[idx[n]].set(True)
-        cands = usable & ~selected
-        if mode != "similarity":  # unselected experts have p <= S; the window bounds them below
-            cands = cands & (probs[n] > (1.0 - alpha) * S[n])
-        taken = jnp.zeros(E, bool)
-        for j in jnp.argsort(-p_sel[n], stable=True):  # more important low-score experts first
-            e = idx[n, j]
-            free = cands & ~taken
-            if mode == "window":
-                rank = jnp.where(free, probs[n], -jnp.inf)
-            else:  # most similar, then most probable; argmax takes the lowest id of ties
-                sim = jnp.where(free, similarity[e], -jnp.inf)
-                rank = jnp.where(free & (sim == sim.max()), probs[n], -jnp.inf)
-            best = jnp.argmax(rank).astype(jnp.int32)
-            do = ~top[n, j] & ~usable[e] & free.any()
-            out = out.at[n, j].set(jnp.where(do, best, e))
-            changed = changed.at[n, j].set(do)
-            taken = taken.at[best].set(taken[best] | do)
+    # Tokens are independent: all N rows advance together, one low-score rank r per round, so
+    # the program has k rounds of [N, E] ops whatever the batch (not N * k rounds of [E] ops).
+    rows = jnp.arange(N)
+    order = jnp.argsort(-p_sel, axis=-1, stable=True)  # [N, k]: more important low-score experts first
+    cands = usable[None, :] & ~(idx[:, :, None] == jnp.arange(E)).any(axis=1)  # [N, E]: unselected, usable
+    if mode != "similarity":  # unselected experts have p <= S; the window bounds them below
+        cands = cands & (probs > (1.0 - alpha) * S[:, None])
+    out, changed, taken = idx, jnp.zeros(idx.shape, bool), jnp.zeros((N, E), bool)
+    for r in range(k):
+        j = order[:, r]  # [N]
+        e = idx[rows, j]  # [N]
+        free = cands & ~taken  # [N, E]
+        if mode == "window":
+            rank = jnp.where(free, probs, -jnp.inf)
+        else:  # most similar, then most probable; argmax takes the lowest id of ties
+            sim = jnp.where(free, jnp.asarray(similarity)[e], -jnp.inf)
+            rank = jnp.where(free & (sim == sim.max(axis=-1, keepdims=True)), probs, -jnp.inf)
+        best = jnp.argmax(rank, axis=-1).astype(jnp.int32)  # [N]
+        do = ~top[rows, j] & ~usable[e] & free.any(axis=-1)  # [N]
+        at_j = jnp.arange(k)[None, :] == j[:, None]  # [N, k]
+        out = jnp.where(at_j, jnp.where(do, best, e)[:, None], out)
+        changed = changed | (at_j & do[:, None])
+        taken = taken | ((jnp.arange(E)[None, :] == best[:, None]) & do[:, None])
     return out, changed
 
 
