@@ -16,18 +16,20 @@ compiles once.
 3. bandwidth: host -> device `jax.device_put` from pinned host memory and from numpy;
    overlap: scripts/overlap_probe.py (transfers and matmuls alone and together); both take
    seconds, so they run before the long parts;
-4. bench_padded_b1, bench_padded_b3: the fused engine on the bundled model with its experts
+4. fetch_modes: scripts/fetch_modes.py on the padded model (below), lru and smoe at 25%, batch 1
+   (batch 3's program takes ~2 min to compile for an H200 per mode, on this repository's CPU):
+   the fetch modes cond (a conditional per fetch slot), loop (the default: a while loop per
+   layer) and both with CUDA graphs that hold conditionals and loops (cond@graphs,
+   loop@graphs) side by side. Without CUDA graphs each conditional and each loop iteration makes the GPU wait
+   for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step"); the
+   2026-11-30 run on an H200 found the engine hiding no transfer time and smoe's larger program
+   costing more than lru's, so this part comes before the benchmarks since then;
+5. bench_padded_b1, bench_padded_b3: the fused engine on the bundled model with its experts
    zero-padded to Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB
    experts): resident, lru and smoe at 100% and 25% at batch 1, at 25% at batch 3 (issue 11's
    GPU goals);
-5. exactness: both engines against the resident model on this device (lru, smoe; 25%);
-6. bench_bundled: the bundled model itself, both engines side by side;
-7. fetch_modes: scripts/fetch_modes.py on the padded model, smoe at 25%, batch 1 (batch 3's
-   program takes ~2 min to compile for an H200 per mode, on this repository's CPU): the
-   fetch modes cond (a conditional per fetch slot), loop (the default: a while loop per layer)
-   and both with CUDA graphs that hold conditionals and loops (cond@graphs, loop@graphs) side
-   by side. Without CUDA graphs each conditional and each loop iteration makes the GPU wait
-   for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step").
+6. exactness: both engines against the resident model on this device (lru, smoe; 25%);
+7. bench_bundled: the bundled model itself, both engines side by side.
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def fetch_modes(model_dir: Path, tmp: Path, alpha: float, trials: int):
     from fetch_modes import main as run_fetch_modes  # scripts/ is on sys.path when this script runs
 
     path = tmp / "fetch_modes.json"
-    run_fetch_modes(["--model", str(model_dir), "--json", str(path), "--configs", "25%:smoe", "--batches", "1",
+    run_fetch_modes(["--model", str(model_dir), "--json", str(path), "--configs", "25%:lru,25%:smoe", "--batches", "1",
                      "--modes", "cond,loop,cond@graphs,loop@graphs", "--alpha", str(alpha), "--trials", str(trials),
                      "--new-tokens", "24"])
     return json.loads(path.read_text())
@@ -264,6 +266,7 @@ def main(argv=None) -> int:
                 save(records, path)
             return keep
 
+        run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
         run("bench_padded_b1", lambda: bench(big(), a.alpha, [1], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
                                              on_record=partial("bench_padded_b1")))
         run("bench_padded_b3", lambda: bench(big(), a.alpha, [3], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
@@ -275,7 +278,6 @@ def main(argv=None) -> int:
         bundled = api.resolve(Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe")
         run("bench_bundled", lambda: bench(bundled, a.alpha, [1, 3], a.trials, 32, ("fused", "stepwise"),
                                            ["resident", "lru", "smoe"], on_record=partial("bench_bundled")))
-        run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
     return 0
 
 
