@@ -23,7 +23,8 @@ compiles once.
    loop@graphs) side by side. Without CUDA graphs each conditional and each loop iteration makes the GPU wait
    for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step"); the
    2026-11-30 run on an H200 found the engine hiding no transfer time and smoe's larger program
-   costing more than lru's, so this part comes before the benchmarks since then;
+   costing more than lru's, so this part comes before the benchmarks since then, and they run
+   the fastest mode it found that gave the same tokens (geometric mean over lru and smoe);
 5. bench_padded_b1, bench_padded_b3: the fused engine on the bundled model with its experts
    zero-padded to Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB
    experts): resident, lru and smoe at 100% and 25% at batch 1, at 25% at batch 3 (issue 11's
@@ -180,17 +181,38 @@ def chunked(model_dir: Path):
 
 
 def bench(model_dir: Path, alpha: float, batches, trials: int, new_tokens: int, engines, policies,
-          budgets=("100%", "25%"), on_record=None):
-    """on_record(records so far): keeps the finished records of a part its timeout stops."""
+          budgets=("100%", "25%"), on_record=None, mode: str = "loop"):
+    """on_record(records so far): keeps the finished records of a part its timeout stops.
+    mode: the fused engine's fetch mode as fetch_modes.py names it ("loop", "loop@graphs", ...)."""
+    from fetch_modes import engine_mode  # scripts/ is on sys.path when this script runs
+
     from moejax import generate
     from moejax.bench import machine, markdown, run_bench
     from moejax.offload.budget import parse_budget
 
+    settings = dict(alpha=alpha, substitute="window", similarity=None, score_window=16)
+    if mode != "loop":  # FusedEngine's own arguments (the stepwise engine has none of them)
+        assert engines == ("fused",), engines
+        fetch_mode, options = engine_mode(mode)
+        settings.update(fetch_mode=fetch_mode, xla_options=options)
     records = run_bench(model_dir, [(b, parse_budget(b)) for b in budgets], batches, policies, new_tokens, 16,
-                        trials, dict(alpha=alpha, substitute="window", similarity=None, score_window=16),
-                        progress=False, engines=engines, on_record=on_record)
-    return {"meta": machine(), "alpha": alpha, "decode_steps_per_call": generate.CHUNK, "records": records,
-            "markdown": markdown(records)}
+                        trials, settings, progress=False, engines=engines, on_record=on_record)
+    return {"meta": machine(), "alpha": alpha, "decode_steps_per_call": generate.CHUNK, "fetch_mode": mode,
+            "records": records, "markdown": markdown(records)}
+
+
+def best_mode(record: dict) -> str:
+    """The fetch mode of the fetch_modes part with the lowest TPOT relative to "loop" (geometric
+    mean over its policies), among modes that gave the tokens of "cond" for every policy; "loop"
+    if that part did not finish."""
+    rows = record.get("rows") or []
+    loop = {r["policy"]: r["tpot_ms"] for r in rows if r["fetch_mode"] == "loop"}
+    score = {}
+    for m in {r["fetch_mode"] for r in rows}:
+        mine = [r for r in rows if r["fetch_mode"] == m]
+        if mine and all(r["same_tokens_as_cond"] for r in mine) and all(r["policy"] in loop for r in mine):
+            score[m] = float(np.exp(np.mean([np.log(r["tpot_ms"] / loop[r["policy"]]) for r in mine])))
+    return min(score, key=score.get) if "loop" in score else "loop"
 
 
 def onepass(out: Path):
@@ -232,6 +254,8 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--skip", default="", help="comma-separated parts to skip")
     p.add_argument("--deadline", type=float, default=480, help="seconds after which no part starts")
+    p.add_argument("--mode", default=None, help="fetch mode of the padded benchmarks (default: the fastest exact "
+                   "one of the fetch_modes part, else loop)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     skip, t0 = set(a.skip.split(",")), time.perf_counter()
@@ -267,10 +291,13 @@ def main(argv=None) -> int:
             return keep
 
         run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
+        # the padded benchmarks run the fastest exact fetch mode found just above (--mode overrides)
+        mode = a.mode or best_mode(records.get("fetch_modes", {}))
+        print(f"[bench_padded] fetch mode {mode}", flush=True)
         run("bench_padded_b1", lambda: bench(big(), a.alpha, [1], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
-                                             on_record=partial("bench_padded_b1")))
+                                             on_record=partial("bench_padded_b1"), mode=mode))
         run("bench_padded_b3", lambda: bench(big(), a.alpha, [3], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
-                                             ("25%",), on_record=partial("bench_padded_b3")))
+                                             ("25%",), on_record=partial("bench_padded_b3"), mode=mode))
         run("exactness", lambda: exactness(small))
         from moejax import api
 
