@@ -191,8 +191,8 @@ class OffloadEngine(OffloadedGeneration):
 
     def _carry_out(self, layer: int, fetches, kind: str) -> list[int]:
         """Start the plan's loads (the layer's device -> host read of the plan)."""
-        n = int(fetches.count)
-        experts, slots = np.asarray(fetches.experts)[:n], np.asarray(fetches.slots)[:n]
+        n, experts, slots = jax.device_get((fetches.count, fetches.experts, fetches.slots))  # one read, not three
+        experts, slots = experts[:int(n)], slots[:int(n)]
         if self.link.emulated:  # transfers of experts the plan evicted are void
             table = np.asarray(self.state["table"])
             for (l, e) in list(self._inflight):
