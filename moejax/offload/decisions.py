@@ -188,8 +188,9 @@ def touch(state, layout: Layout, m: int, experts, ok, n):
 
 def observe(state, m: int, probs):
     """Score eviction's window: the batch mean of this decode step's probabilities [N, E]."""
-    W = state["hist"].shape[1]
-    hist = state["hist"].at[m, state["hist_n"][m] % W].set(jnp.mean(probs.astype(jnp.float32), axis=0))
+    L, W, _ = state["hist"].shape
+    row = (jnp.arange(L)[:, None, None] == m) & (jnp.arange(W)[None, :, None] == state["hist_n"][m] % W)
+    hist = jnp.where(row, jnp.mean(probs.astype(jnp.float32), axis=0), state["hist"])  # a select, not a scatter
     return {**state, "hist": hist, "hist_n": state["hist_n"] + (jnp.arange(state["hist_n"].shape[0]) == m)}
 
 
