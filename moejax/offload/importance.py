@@ -37,12 +37,16 @@ MODES = ("window", "similarity", "hybrid", "skip")
 SIMILARITY_MODES = ("similarity", "hybrid")  # the modes that read a similarity table
 
 
+def selected_mask(idx, E: int):
+    """idx [N, k] -> bool [N, E]: the experts each token selected."""
+    return (jnp.asarray(idx)[:, :, None] == jnp.arange(E)).any(axis=1)
+
+
 def threshold_s(probs, idx):
     """probs [N, E], selected idx [N, k] -> S [N], the highest probability of an expert
     each token did not select."""
     probs = jnp.asarray(probs)
-    selected = (jnp.asarray(idx)[:, :, None] == jnp.arange(probs.shape[-1])).any(axis=1)  # [N, E]
-    return jnp.where(selected, -jnp.inf, probs).max(axis=-1)
+    return jnp.where(selected_mask(idx, probs.shape[-1]), -jnp.inf, probs).max(axis=-1)
 
 
 def classify(probs, idx, alpha: float):
@@ -83,10 +87,11 @@ def substitute(probs, idx, alpha: float, available, mode: str = "window", simila
     # the program has k rounds of [N, E] ops whatever the batch (not N * k rounds of [E] ops).
     rows = jnp.arange(N)
     order = jnp.argsort(-p_sel, axis=-1, stable=True)  # [N, k]: more important low-score experts first
-    cands = usable[None, :] & ~(idx[:, :, None] == jnp.arange(E)).any(axis=1)  # [N, E]: unselected, usable
+    cands = usable[None, :] & ~selected_mask(idx, E)  # [N, E]: unselected, usable
     if mode != "similarity":  # unselected experts have p <= S; the window bounds them below
         cands = cands & (probs > (1.0 - alpha) * S[:, None])
     out, changed, taken = idx, jnp.zeros(idx.shape, bool), jnp.zeros((N, E), bool)
+    similarity = None if similarity is None else jnp.asarray(similarity)
     for r in range(k):
         j = order[:, r]  # [N]
         e = idx[rows, j]  # [N]
@@ -94,7 +99,7 @@ def substitute(probs, idx, alpha: float, available, mode: str = "window", simila
         if mode == "window":
             rank = jnp.where(free, probs, -jnp.inf)
         else:  # most similar, then most probable; argmax takes the lowest id of ties
-            sim = jnp.where(free, jnp.asarray(similarity)[e], -jnp.inf)
+            sim = jnp.where(free, similarity[e], -jnp.inf)
             rank = jnp.where(free & (sim == sim.max(axis=-1, keepdims=True)), probs, -jnp.inf)
         best = jnp.argmax(rank, axis=-1).astype(jnp.int32)  # [N]
         do = ~top[rows, j] & ~usable[e] & free.any(axis=-1)  # [N]
