@@ -35,12 +35,29 @@ def prompt_tokens(tokenizer, vocab: int, batch: int, length: int, seed: int = 0)
     return np.random.default_rng(seed).integers(0, vocab, (batch, length)).astype(np.int32)
 
 
+def split_policy(spec: str) -> tuple[str, int | None]:
+    """A bench policy: "smoe", or "smoe:2" (the policy with --prefetch-width 2, so that widths
+    run side by side) -> (name, width or None)."""
+    name, _, width = spec.partition(":")
+    if not width:
+        return name, None
+    from moejax.errors import MoejaxError
+    from moejax.offload.policies import POLICIES
+
+    if name not in POLICIES or not POLICIES[name].prefetch:
+        raise MoejaxError(f"--policies {spec!r}: a prefetch width goes with a prefetching policy (smoe, lru-prefetch)")
+    if not width.isdigit():
+        raise MoejaxError(f"--policies {spec!r}: the prefetch width after ':' must be a whole number")
+    return name, int(width)
+
+
 def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str], new_tokens: int = 32,
               prompt_len: int = 16, trials: int = 3, settings: dict | None = None,
               progress: bool = True, parts=None, engines: tuple[str, ...] = ("fused",),
               on_record=None) -> list[dict]:
     """engines: "fused" and/or "stepwise" (moejax.engine.make_engine; an emulated link needs
     stepwise), each with every policy but resident, trials interleaved across all of them.
+    A policy "NAME:P" runs NAME with prefetch width P (split_policy).
     on_record(records so far) is called after each record is finished (to save them as they come)."""
     from tqdm.auto import tqdm
 
@@ -63,7 +80,8 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     for spec_text, spec in budgets:
         for batch in batches:
             prompt = prompt_tokens(tok, cfg.vocab_size, batch, prompt_len)
-            built = {(k, p): make_engine(k, path, p, spec, batch=batch, cache_len=S, parts=parts, **(settings or {}))
+            built = {(k, p): make_engine(k, path, split_policy(p)[0], spec, batch=batch, cache_len=S, parts=parts,
+                                         **_with_width(settings or {}, split_policy(p)[1]))
                      for k, p in runs_of if p != "resident"}
             runs: dict[tuple, list] = {kp: [] for kp in runs_of}
             for trial in range(trials):
@@ -83,12 +101,13 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     bar.update()
             for kp in runs_of:
                 kind, p = kp
+                name, width = split_policy(p)
                 gens = [g for g, _ in runs[kp]]
                 stats = runs[kp][-1][1]  # counters are deterministic across trials
                 steps = len(gens[-1].step_s)
                 plan = built[kp].plan if p != "resident" else None
                 records.append({
-                    "policy": p, "engine": kind, "batch": batch,
+                    "policy": name, "engine": kind, "batch": batch,
                     "budget": spec_text,
                     "budget_bytes": plan.budget_bytes if plan else None,
                     "pool_slots": plan.pool_slots if plan else cfg.num_experts * len(cfg.moe_layer_ids),
@@ -109,6 +128,8 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                             "per-layer pool" if built[kp].layout.per_layer else "shared pool",
                     "program_bytes": plan.program_bytes if plan else 0,
                     "prefetch_dropped": stats.get("prefetch_dropped", 0),
+                    "prefetch_idle": stats.get("prefetch_idle", 0),
+                    "prefetch_width": _with_width(settings or {}, width).get("prefetch_width", 0),
                     "alpha": (settings or {}).get("alpha", 0.0),
                     "substitute": (settings or {}).get("substitute", "window"),
                 })
@@ -116,6 +137,10 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     on_record(records)
     bar.close()
     return records
+
+
+def _with_width(settings: dict, width: int | None) -> dict:
+    return settings if width is None else {**settings, "prefetch_width": width}
 
 
 # docs/method.md ("Setting"): the paper's Qwen2-57B-A14B on an A6000 over PCIe 4.0: one bf16 expert
@@ -263,7 +288,8 @@ def markdown(records: list[dict]) -> str:
         lines.insert(0, "; ".join(head) + "\n")
     for r in records:
         pp = "" if r["prefetch_precision"] != r["prefetch_precision"] else f"{r['prefetch_precision']:.2f}"
-        lines.append(f"| {r['budget']} | {r['batch']} | {r['policy']} | {r['engine']} | {r['pool_slots']} | "
+        policy = r["policy"] + (f" (prefetch width {r['prefetch_width']})" if r.get("prefetch_width") else "")
+        lines.append(f"| {r['budget']} | {r['batch']} | {policy} | {r['engine']} | {r['pool_slots']} | "
                      f"{r['hit_rate']:.3f} | "
                      f"{r['substitution_rate']:.3f} | {r['bytes_h2d_per_token'] / 2**20:.3f} | {r['tpot_ms']:.2f} | {r['ttft_ms']:.1f} | {pp} | "
                      f"{r['sched_us_median']:.0f} |")

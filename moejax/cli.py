@@ -94,13 +94,15 @@ def parse_budget_arg(text: str, flag: str = "--vram-budget", plain: str = "bytes
 
 @dataclass(frozen=True)
 class Substitution:
-    """--alpha, --substitute, --similarity and --score-window, validated once when made:
-    what score-aware eviction and substitution (score-sub, smoe) are given."""
+    """--alpha, --substitute, --similarity, --score-window and --prefetch-width, validated once
+    when made: what score-aware eviction, substitution and prefetch (score-sub, smoe,
+    lru-prefetch) are given."""
 
     alpha: float = DEFAULT_ALPHA
     mode: str = "window"
     similarity: str | None = None  # file; default: similarity.npz beside the checkpoint
     score_window: int = 16
+    prefetch_width: int = 0  # 0: the paper's rule; P: the P most probable missing experts
 
     def __post_init__(self):
         from moejax.offload.importance import MODES
@@ -111,10 +113,13 @@ class Substitution:
             raise MoejaxError(f"--substitute {self.mode!r} is not one of {', '.join(MODES)}")
         if self.score_window < 1:
             raise MoejaxError("--score-window must be at least 1")
+        if self.prefetch_width < 0:
+            raise MoejaxError(f"--prefetch-width {self.prefetch_width} must be 0 or more")
 
     @classmethod
     def from_args(cls, args) -> "Substitution":
-        return cls(getattr(args, "alpha", 0.0), args.substitute, args.similarity, args.score_window)
+        return cls(getattr(args, "alpha", 0.0), args.substitute, args.similarity, args.score_window,
+                   args.prefetch_width)
 
     def engine_kwargs(self, path, cfg) -> dict:
         """The engines' keyword arguments (make_engine), the similarity file read if needed."""
@@ -130,10 +135,12 @@ class Substitution:
                 sim = similarity.load(file, cfg)
             except (EOFError, zipfile.BadZipFile):
                 raise MoejaxError(f"{file} is not a moejax similarity file (truncated or empty)") from None
-        return dict(alpha=self.alpha, substitute=self.mode, similarity=sim, score_window=self.score_window)
+        return dict(alpha=self.alpha, substitute=self.mode, similarity=sim, score_window=self.score_window,
+                    prefetch_width=self.prefetch_width)
 
     def describe(self) -> str:
-        return f"alpha {self.alpha:g}, substitute {self.mode}"
+        width = f", prefetch width {self.prefetch_width}" if self.prefetch_width else ""
+        return f"alpha {self.alpha:g}, substitute {self.mode}{width}"
 
 
 def rate_key(mode: str) -> str:
@@ -323,14 +330,14 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 def cmd_bench(args) -> None:
     from moejax.api import resolve
-    from moejax.bench import machine, markdown, run_bench
+    from moejax.bench import machine, markdown, run_bench, split_policy
     from moejax.offload.policies import ALL_NAMES
 
     budgets = [(b, parse_budget_arg(b)) for b in args.vram_budget.split(",")]
     batches = _int_list(args.batch, "--batch")
     policies = args.policies.split(",")
     for p in policies:
-        if p not in ALL_NAMES:
+        if split_policy(p)[0] not in ALL_NAMES:
             raise MoejaxError(f"--policies: {p!r} is not one of {', '.join(ALL_NAMES)}")
     if args.trials < 1 or args.new_tokens < 2:
         raise MoejaxError("--trials must be >= 1 and --new-tokens >= 2")
@@ -718,6 +725,11 @@ def _engine_flags(p, stepwise_only: bool = False, several: bool = False, alpha: 
     p.add_argument("--similarity", help="similarity file (default: similarity.npz beside the checkpoint)")
     p.add_argument("--score-window", type=int, default=16,
                    help="decode steps over which score-aware eviction averages router probabilities")
+    p.add_argument("--prefetch-width", type=int, default=0, metavar="P",
+                   help="prefetching policies (smoe, lru-prefetch): 0 (default) prefetches the predicted experts "
+                        "the paper's rule selects; P > 0 always the P most probable missing experts of the next "
+                        "layer, which the fused engine copies outside any loop so that the copies can overlap "
+                        "compute on a GPU (docs/benchmarks.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -764,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "512MiB, 6GiB or PCT%% (default 25%%,50%%)")
     b.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     b.add_argument("--policies", default=",".join(ALL_NAMES),
-                   help=f"comma-separated policies (default: all of {', '.join(ALL_NAMES)})")
+                   help=f"comma-separated policies (default: all of {', '.join(ALL_NAMES)}); NAME:P runs a "
+                        "prefetching policy with --prefetch-width P, so that widths compare side by side (smoe,smoe:2)")
     b.add_argument("--new-tokens", type=int, default=32, help="tokens generated per trial (default 32)")
     b.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     b.add_argument("--trials", type=int, default=3, help="timed runs per policy; the median is reported (default 3)")

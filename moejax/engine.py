@@ -38,7 +38,7 @@ from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
 from moejax.offload.cache import new_pool, write_block
 from moejax.offload.importance import SIMILARITY_MODES
-from moejax.offload.policies import make_policy
+from moejax.offload.policies import check_width, make_policy
 from moejax.offload.store import Link, Parts, Transfer, load_parts  # noqa: F401  (load_parts: public here too)
 
 
@@ -110,14 +110,14 @@ class OffloadEngine(OffloadedGeneration):
     def __init__(self, path: str | Path, policy: str = "lru", budget=None, batch: int = 1,
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
                  similarity: dict[int, np.ndarray] | None = None, score_window: int = 16,
-                 parts: Parts | None = None, link: Link | None = None):
+                 parts: Parts | None = None, link: Link | None = None, prefetch_width: int = 0):
         path = Path(path)
         cfg, glob, layers, self.store = parts or load_parts(path)
         self.config, self.batch, self.cache_len = cfg, batch, cache_len
         self.policy_name = policy
         self.link = link or Link()
         self.recorder = None  # a moejax.eval.trace.TraceRecorder, to record the routing
-        self.policy = make_policy(policy, alpha, substitute, score_window)
+        self.policy = make_policy(policy, alpha, substitute, score_window, check_width(prefetch_width, cfg))
         self.moe_ids = list(cfg.moe_layer_ids)
         self.similarity = {} if self.policy.mode not in SIMILARITY_MODES or not similarity else {
             m: jnp.asarray(similarity[i], jnp.float32) for m, i in enumerate(self.moe_ids)}
@@ -326,7 +326,7 @@ def make_engine(kind: str, path, policy: str = "lru", budget=None, **kw):
     """The offloaded engine by name: "fused" (one XLA program per decode step, the default)
     or "stepwise" (this module's Python-driven loop: emulated links, research hooks).
     Keyword arguments are OffloadEngine's (batch, cache_len, alpha, substitute, similarity,
-    score_window, parts, link, per_layer); an emulated link needs the stepwise engine."""
+    score_window, parts, link, per_layer, prefetch_width); an emulated link needs the stepwise engine."""
     if kind == "stepwise":
         return OffloadEngine(path, policy, budget, **kw)
     if kind != "fused":

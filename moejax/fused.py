@@ -37,10 +37,10 @@ from moejax.model import moe
 from moejax.model.decoder import Decoder, empty_cache, rope
 from moejax.offload import decisions as D
 from moejax.offload.budget import BudgetPlan, plan_budget
-from moejax.offload.cache import DEFAULT_FETCH_MODE, new_pool, ordered_after, write_fetches
+from moejax.offload.cache import DEFAULT_FETCH_MODE, fetch_block, land, new_pool, ordered_after, write_fetches
 from moejax.offload.importance import SIMILARITY_MODES, classify
 from moejax.offload.store import Parts
-from moejax.offload.policies import make_policy
+from moejax.offload.policies import check_width, make_policy
 
 
 def predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
@@ -50,15 +50,21 @@ def predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
     (mixtral-offloading): its router on this layer's MLP input h [N, H], top-k. "top-score"
     (docs/method.md 4): its router on an approximate hidden state, residual x + dense/shared
     output + the output of this layer's experts that were already on the device (hit [N, k],
-    at pool slots [N, k]); valid = predicted top-score."""
+    at pool slots [N, k]); valid = predicted top-score.
+    With a fixed prefetch width (policy.prefetch_width): all E experts ranked by their highest
+    predicted importance over the tokens (ties to the lower id), all valid."""
     router, bias, norm = nxt
     if policy.prefetch == "next-layer-gate":
-        idx = moe.route(cfg, h, router, bias)[2]
-        return idx.reshape(-1), jnp.ones(idx.size, bool)
-    approx = x.reshape(h.shape) + dense + moe.experts_indexed(h, pool, jnp.where(hit, slots, 0),
-                                                               jnp.where(hit, weights, 0.0), cfg.quant)
-    scores, _, idx = moe.route(cfg, L.rms_norm(approx, norm, cfg.rms_norm_eps), router, bias)
-    _, top = classify(moe.importance(scores, cfg.router), idx, policy.alpha)
+        scores, _, idx = moe.route(cfg, h, router, bias)
+        top = jnp.ones(idx.shape, bool)
+    else:
+        approx = x.reshape(h.shape) + dense + moe.experts_indexed(h, pool, jnp.where(hit, slots, 0),
+                                                                   jnp.where(hit, weights, 0.0), cfg.quant)
+        scores, _, idx = moe.route(cfg, L.rms_norm(approx, norm, cfg.rms_norm_eps), router, bias)
+        _, top = classify(moe.importance(scores, cfg.router), idx, policy.alpha)
+    if policy.prefetch_width:
+        rank = jnp.argsort(-moe.importance(scores, cfg.router).max(axis=0), stable=True).astype(jnp.int32)  # [E]
+        return rank, jnp.ones(rank.shape, bool)
     return idx.reshape(-1), top.reshape(-1)
 
 
@@ -123,7 +129,7 @@ class FusedEngine(OffloadedGeneration):
                  cache_len: int = 256, per_layer: bool = False, alpha: float = 0.0, substitute: str = "window",
                  similarity: dict[int, np.ndarray] | None = None, score_window: int = 16,
                  parts: Parts | None = None, link=None, fetch_mode: str | None = None,
-                 xla_options: dict | None = None):
+                 xla_options: dict | None = None, prefetch_width: int = 0):
         from moejax.offload.store import Link, load_parts
 
         cfg, glob, layers, self.store = parts or load_parts(Path(path))
@@ -134,7 +140,7 @@ class FusedEngine(OffloadedGeneration):
         self.fetch_mode = fetch_mode or DEFAULT_FETCH_MODE  # cache.write_fetches
         self.xla_options = dict(xla_options or {})  # added to every program's compiler options
         self.policy_name, self.link = policy, link or Link()
-        self.policy = make_policy(policy, alpha, substitute, score_window)
+        self.policy = make_policy(policy, alpha, substitute, score_window, check_width(prefetch_width, cfg))
         self.module = Decoder(cfg, glob, layers, offloaded=True)  # dense weights -> device
         self.dtype = self.module.dtype
         self.graphdef, self.params = nnx.split(self.module)
@@ -175,7 +181,7 @@ class FusedEngine(OffloadedGeneration):
     @property
     def telemetry(self) -> Telemetry:
         """Telemetry since the last reset (the device counters are read now)."""
-        t = self._t.count(self.counters(), self.store.expert_bytes)
+        t = self._t.count(self.counters(), self.store.expert_bytes, idle_copies=True)
         t.peak_device_bytes = max(t.peak_device_bytes, self.device_bytes())
         return t
 
@@ -199,35 +205,49 @@ class FusedEngine(OffloadedGeneration):
         return {k: int(v) for k, v in jax.device_get(self.state["counters"]).items()}
 
     # ---- the program's pieces -----------------------------------------------------------
-    def _moe_decode(self, gd, lp, nxt, stack, nxt_stack, sim, mi, x, kv, pos, cos, sin, pool, state):
+    def _moe_decode(self, gd, lp, nxt, stack, nxt_stack, sim, mi, x, kv, pos, cos, sin, pool, state, staged):
         """One MoE layer of a decode step, traced once for all layers (the layer's params lp,
         its index mi, its host stack and the next MoE layer's (router, bias, norm) `nxt` and
-        stack, None for the last, are arguments; jitted in _build)."""
+        stack, None for the last, are arguments; jitted in _build).
+
+        With a fixed prefetch width P (policy.prefetch_width) the next layer's prefetches are
+        decided as soon as this layer's plan is made and copied by P unconditional fetches at
+        the program's top level, which XLA may overlap with this layer's fetches and compute
+        and the next layer's attention (a copy in a loop or a branch cannot overlap anything);
+        `staged` (blocks, Fetches) are the previous layer's, written into the pool here, before
+        this layer reads it. Returns (x, kv, pool, state, this layer's staged copies or None)."""
         cfg, pol, lay = self.config, self.policy, self.layout
+        x_in = x
         x, kv, h, dense, scores, weights, idx = attend_route(nnx.merge(gd, lp), x, kv, pos, cos, sin)
         if self.full:  # every expert stays at slot m * E + e: nothing to decide, fetch or substitute
             n = D.unique_first(idx.reshape(-1), size=min(idx.size, cfg.num_experts))[2]
             for name, v in (("hits", n), ("unique", n), ("routed", idx.size)):
                 state = D._count(state, name, v)
             out = dense + moe.experts_indexed(h, pool, mi * cfg.num_experts + idx, weights, cfg.quant)
-            return x + out.reshape(x.shape), kv, pool, state
+            return x + out.reshape(x.shape), kv, pool, state, None
         none = jnp.zeros(cfg.num_experts, bool)
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
+        if staged is not None:  # after the previous layer's reads of the pool (x_in depends on them)
+            pool = land(pool, *staged, x_in)
+        spec = None
         if pol.prefetch and nxt is not None:  # from the pool before this layer's fetches land
             predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
+            if pol.prefetch_width:
+                state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+                spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in pf.experts), pf
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         slots = state["table"][mi][experts]  # [N, k]
         routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
-        if pol.prefetch and nxt is not None:
+        if pol.prefetch and nxt is not None and not pol.prefetch_width:
             state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
             pf = dataclasses.replace(pf, slots=ordered_after(pf.slots, routed))  # after this layer's reads
             pool = write_fetches(pool, nxt_stack, pf, self.store.device_sharding, self.fetch_mode)
-        return x, kv, pool, state
+        return x, kv, pool, state, spec
 
     def _moe_prefill(self, gd, lp, stack, mi, x, kv, pos, cos, sin, pool, state, valid):
         """One MoE layer of a prompt, traced once for all layers (as _moe_decode)."""
@@ -261,6 +281,7 @@ class FusedEngine(OffloadedGeneration):
         B, T, _ = x.shape
         cos, sin = rope(self.config, pos, T, B, self.dtype)
         kv, layers = list(kv), module.layers
+        staged = None  # a layer's speculative copies for the next (fixed prefetch width)
         for i, layer in enumerate(layers):
             if not self.config.moe_layers[i]:
                 x, kv[i] = layer(x, kv[i], pos, cos, sin)
@@ -271,8 +292,9 @@ class FusedEngine(OffloadedGeneration):
                 last = i + 1 == len(layers) or not self.config.moe_layers[i + 1]
                 nxt = None if last else next_layer(layers, i)
                 sim = None if self.similarity is None else self.similarity[m]
-                x, kv[i], pool, state = self._decode_layer(gd, lp, nxt, stacks[m], None if last else stacks[m + 1], sim,
-                                                           jnp.int32(m), x, kv[i], pos, cos, sin, pool, state)
+                x, kv[i], pool, state, staged = self._decode_layer(
+                    gd, lp, nxt, stacks[m], None if last else stacks[m + 1], sim, jnp.int32(m), x, kv[i], pos, cos,
+                    sin, pool, state, staged)
             else:
                 x, kv[i], pool, state = self._prefill_layer(gd, lp, stacks[m], jnp.int32(m), x, kv[i], pos, cos, sin,
                                                             pool, state, valid)

@@ -33,12 +33,18 @@ def policy_bars(records: list[dict], path: str) -> None:
     """TPOT and hit rate per policy, one group per (budget, batch)."""
     plt = _pyplot()
 
+    engines = {r["engine"] for r in records} - {"none"}
+
+    def label(r):  # a policy, its prefetch width (bench's NAME:P) and, if several, its engine
+        width = f":{r['prefetch_width']}" if r.get("prefetch_width") else ""
+        return r["policy"] + width + (f" ({r['engine']})" if len(engines) > 1 and r["engine"] != "none" else "")
+
     configs = list(dict.fromkeys((r["budget"], r["batch"]) for r in records))
-    policies = list(dict.fromkeys(r["policy"] for r in records))
+    policies = list(dict.fromkeys(label(r) for r in records))
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     width = 0.8 / len(policies)
     for j, p in enumerate(policies):
-        rs = {(r["budget"], r["batch"]): r for r in records if r["policy"] == p}
+        rs = {(r["budget"], r["batch"]): r for r in records if label(r) == p}
         xs = [i + j * width for i in range(len(configs))]
         axes[0].bar(xs, [rs[c]["tpot_ms"] for c in configs], width, label=p)
         axes[1].bar(xs, [rs[c]["hit_rate"] for c in configs], width, label=p)

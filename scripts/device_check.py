@@ -9,28 +9,26 @@ fails does not lose the rest; parts not started by --deadline seconds are skippe
 Compiled programs go to moejax's persistent compilation cache, so a program two parts share
 compiles once.
 1. device: the device and its memory kinds (is `pinned_host` there?);
-2. onepass: scripts/onepass_check.py (in-program fetches: async? overlapped with compute?);
-   chunked: the fused engine's 16-step decode program (a while loop whose body reads host
-   memory) against one step per call, on a small random model; if the loop fails or differs
-   here, every later part runs one step per call (generate.CHUNK = 1) and its record says so;
-3. bandwidth: host -> device `jax.device_put` from pinned host memory and from numpy;
-   overlap: scripts/overlap_probe.py (transfers and matmuls alone and together); both take
-   seconds, so they run before the long parts;
-4. fetch_modes: scripts/fetch_modes.py on the padded model (below), lru and smoe at 25%, batch 1
-   (batch 3's program takes ~2 min to compile for an H200 per mode, on this repository's CPU):
-   the fetch modes cond (a conditional per fetch slot), loop (the default: a while loop per
-   layer) and both with CUDA graphs that hold conditionals and loops (cond@graphs,
-   loop@graphs) side by side. Without CUDA graphs each conditional and each loop iteration makes the GPU wait
-   for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step"); the
-   2026-11-30 run on an H200 found the engine hiding no transfer time and smoe's larger program
-   costing more than lru's, so this part comes before the benchmarks since then, and they run
-   the fastest mode it found that gave the same tokens (geometric mean over lru and smoe);
-5. bench_padded_b1, bench_padded_b3: the fused engine on the bundled model with its experts
+2. bench_padded_b1, bench_padded_b3: the fused engine on the bundled model with its experts
    zero-padded to Qwen1.5-MoE size (scripts/pad_experts.py: the trained model's routing, 17.3 MB
    experts): resident, lru and smoe at 100% and 25% at batch 1, at 25% at batch 3 (issue 11's
-   GPU goals);
-6. exactness: both engines against the resident model on this device (lru, smoe; 25%);
-7. bench_bundled: the bundled model itself, both engines side by side.
+   GPU goals), and smoe with --prefetch-width 1 and 2 ("smoe:1", "smoe:2"): its next-layer
+   prefetches as unconditional copies at the program's top level, which the H200 compiler
+   schedules across ~50-75 instructions of compute (docs/benchmarks.md) where the paper's rule
+   copies in a loop that overlaps nothing (the 2026-11-30 run hid 0% of the fetch time);
+3. exactness: both engines against the resident model on this device (lru, smoe, smoe with
+   prefetch width 2; 25%);
+4. fetch_modes: scripts/fetch_modes.py on the padded model, lru and smoe at 25%, batch 1: the
+   fetch modes cond (a conditional per fetch slot), loop (the default: a while loop per layer)
+   and both with CUDA graphs that hold conditionals and loops (cond@graphs, loop@graphs) side
+   by side. Without CUDA graphs each conditional and each loop iteration makes the GPU wait
+   for the host to read its predicate (docs/benchmarks.md, "Host waits per decode step");
+5. bench_bundled: the bundled model itself, both engines side by side;
+6. measured on 2026-11-30 already, so last: onepass (scripts/onepass_check.py: in-program
+   fetches async? overlapped with compute?), chunked (the 16-step decode program against one
+   step per call on a small random model; the parts above run 16-step programs, which that
+   part found exact on the H200 on 2026-11-30), bandwidth (host -> device `jax.device_put`), overlap
+   (scripts/overlap_probe.py).
 """
 
 from __future__ import annotations
@@ -142,11 +140,12 @@ def exactness(model_dir: Path):
     ref = m.generate(prompt, 16).tokens
     rows = []
     for kind in ENGINES:
-        for policy in ("lru", "smoe"):
+        for policy, width in (("lru", 0), ("smoe", 0), ("smoe", 2)):
             for pct in (0.25,):
-                e = make_engine(kind, model_dir, policy, ("pct", pct), cache_len=64)
+                e = make_engine(kind, model_dir, policy, ("pct", pct), cache_len=64, prefetch_width=width)
                 g = e.generate(prompt, 16)
-                rows.append({"engine": kind, "policy": policy, "pct": pct, "tokens_equal": g.tokens == ref,
+                rows.append({"engine": kind, "policy": policy, "prefetch_width": width, "pct": pct,
+                             "tokens_equal": g.tokens == ref, "prefetch_issued": e.telemetry.prefetch_issued,
                              "hit_rate": e.telemetry.hit_rate,
                              "peak_le_budget": e.telemetry.peak_device_bytes <= e.plan.budget_bytes})
     return {"rows": rows, "all_equal": all(r["tokens_equal"] for r in rows)}
@@ -201,20 +200,6 @@ def bench(model_dir: Path, alpha: float, batches, trials: int, new_tokens: int, 
             "records": records, "markdown": markdown(records)}
 
 
-def best_mode(record: dict) -> str:
-    """The fetch mode of the fetch_modes part with the lowest TPOT relative to "loop" (geometric
-    mean over its policies), among modes that gave the tokens of "cond" for every policy; "loop"
-    if that part did not finish."""
-    rows = record.get("rows") or []
-    loop = {r["policy"]: r["tpot_ms"] for r in rows if r["fetch_mode"] == "loop"}
-    score = {}
-    for m in {r["fetch_mode"] for r in rows}:
-        mine = [r for r in rows if r["fetch_mode"] == m]
-        if mine and all(r["same_tokens_as_cond"] for r in mine) and all(r["policy"] in loop for r in mine):
-            score[m] = float(np.exp(np.mean([np.log(r["tpot_ms"] / loop[r["policy"]]) for r in mine])))
-    return min(score, key=score.get) if "loop" in score else "loop"
-
-
 def onepass(out: Path):
     import subprocess
 
@@ -254,8 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--skip", default="", help="comma-separated parts to skip")
     p.add_argument("--deadline", type=float, default=480, help="seconds after which no part starts")
-    p.add_argument("--mode", default=None, help="fetch mode of the padded benchmarks (default: the fastest exact "
-                   "one of the fetch_modes part, else loop)")
+    p.add_argument("--mode", default=None, help="fetch mode of the padded benchmarks (default: loop; the "
+                   "fetch_modes part runs after them)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     skip, t0 = set(a.skip.split(",")), time.perf_counter()
@@ -275,13 +260,9 @@ def main(argv=None) -> int:
         part(records, path, name, fn)
 
     part(records, path, "device", device_info)
-    run("onepass", lambda: onepass(a.out / "onepass"))
     with tempfile.TemporaryDirectory() as tmp:
         small = Path(tmp) / "small"
         random_checkpoint(small, 256, 4, 16, 4, 128, 256, "float32")
-        run("chunked", lambda: chunked(small))
-        run("bandwidth", bandwidth)
-        run("overlap", overlap)
         big = functools.cache(lambda: padded(Path(tmp)))  # made by the first part that needs it
 
         def partial(name):  # a bench part's finished records, saved as they come
@@ -290,21 +271,28 @@ def main(argv=None) -> int:
                 save(records, path)
             return keep
 
-        run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
-        # the padded benchmarks run the fastest exact fetch mode found just above (--mode overrides)
-        mode = a.mode or best_mode(records.get("fetch_modes", {}))
-        print(f"[bench_padded] fetch mode {mode}", flush=True)
-        run("bench_padded_b1", lambda: bench(big(), a.alpha, [1], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
+        # issue 11's goals first: smoe with the paper's prefetch rule and with fixed widths 1 and 2
+        # (top-level copies that XLA can overlap with compute), lru and resident, side by side
+        mode = a.mode or "loop"
+        run("bench_padded_b1", lambda: bench(big(), a.alpha, [1], a.trials, 32, ("fused",),
+                                             ["resident", "lru", "smoe", "smoe:1", "smoe:2"],
                                              on_record=partial("bench_padded_b1"), mode=mode))
-        run("bench_padded_b3", lambda: bench(big(), a.alpha, [3], a.trials, 32, ("fused",), ["resident", "lru", "smoe"],
-                                             ("25%",), on_record=partial("bench_padded_b3"), mode=mode))
+        run("bench_padded_b3", lambda: bench(big(), a.alpha, [3], a.trials, 32, ("fused",),
+                                             ["resident", "lru", "smoe", "smoe:2"], ("25%",),
+                                             on_record=partial("bench_padded_b3"), mode=mode))
         run("exactness", lambda: exactness(small))
+        run("fetch_modes", lambda: fetch_modes(big(), Path(tmp), a.alpha, a.trials))
         from moejax import api
 
         # the converted copy (the repository holds the Hugging Face checkpoint): run_bench reads moejax's format
         bundled = api.resolve(Path(__file__).resolve().parent.parent / "checkpoints" / "moejax-shakespeare-moe")
         run("bench_bundled", lambda: bench(bundled, a.alpha, [1, 3], a.trials, 32, ("fused", "stepwise"),
-                                           ["resident", "lru", "smoe"], on_record=partial("bench_bundled")))
+                                           ["resident", "lru", "smoe", "smoe:2"], on_record=partial("bench_bundled")))
+        # measured on 2026-11-30 already: last
+        run("onepass", lambda: onepass(a.out / "onepass"))
+        run("chunked", lambda: chunked(small))
+        run("bandwidth", bandwidth)
+        run("overlap", overlap)
     return 0
 
 

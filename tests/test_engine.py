@@ -109,6 +109,42 @@ def test_engines_make_the_same_decisions(models, policy, alpha):
         assert out["fused"][2] > 0
 
 
+@pytest.mark.parametrize("policy,budget", [("smoe", "min"), ("smoe", "50%"), ("lru-prefetch", "50%")])
+def test_fixed_width_prefetch_is_exact_and_shared(models, policy, budget):
+    """--prefetch-width: the fused engine's unconditional copies, written into the pool a layer
+    later, give the resident tokens with alpha 0; both engines decide the same; every
+    prefetch step fills its P slots or counts them idle, and the fused engine's idle copies
+    are bytes it moved."""
+    path, model = models["mixtral"]  # 2 MoE layers: one prefetch per decode step
+    prompt, P = _prompt(model, seed=5), 2
+    ref = model.generate(prompt, NEW)
+    out = {}
+    for kind in ENGINES:
+        e = _engine(kind, path, policy, _spec(model, budget, policy, kind), alpha=0.0, prefetch_width=P)
+        g = e.generate(prompt, NEW)
+        assert g.tokens == ref.tokens, kind
+        t = e.telemetry
+        assert t.prefetch_issued + t.prefetch_idle == P * len(g.step_s)
+        assert t.prefetch_issued > 0 if budget != "min" else t.prefetch_issued == 0  # min: no room beside k
+        out[kind] = t
+    fused, stepwise = out["fused"], out["stepwise"]
+    if budget != "min":  # the logits too, bit for bit, with prefetched experts in use
+        assert fused.prefetch_used > 0
+        _assert_logits_match_resident(_engine("fused", path, policy, _spec(model, budget, policy, "fused"),
+                                              alpha=0.0, prefetch_width=P), model, prompt)
+    same = ("decode_hits", "decode_unique", "prefetch_issued", "prefetch_used", "prefetch_idle")
+    assert [getattr(fused, k) for k in same] == [getattr(stepwise, k) for k in same]
+    assert fused.transfers == stepwise.transfers + stepwise.prefetch_idle
+
+
+def test_prefetch_width_beyond_the_experts_is_an_error(models):
+    from moejax.errors import MoejaxError
+
+    path, model = models["mixtral"]
+    with pytest.raises(MoejaxError, match="--prefetch-width"):
+        _engine("fused", path, "smoe", ("pct", 0.5), prefetch_width=model.config.num_experts + 1)
+
+
 def test_fused_chunks_stop_where_one_step_per_dispatch_stops(models):
     """The fused engine runs up to CHUNK decode steps per call and ends a call early once every
     row has hit a stop id. Batch 2, smoe at 50%: one row stops at its first token, the other
@@ -131,26 +167,31 @@ def test_fused_chunks_stop_where_one_step_per_dispatch_stops(models):
     assert out["fused"][0][r] == free[r][:j + 1] and len(out["fused"][1]) == j + 1
 
 
-def test_offloaded_logits_match_resident_batch2(models):
-    """Teacher-forced logits at every step, batch 2, 50% budget: the fused engine's are the
-    resident model's bit for bit (the same expert arithmetic in the same order)."""
+def _assert_logits_match_resident(e, model, prompt):
+    """Teacher-forced: the engine's logits after the prompt and at each of NEW steps are the
+    resident model's bit for bit (both are fed the resident model's greedy tokens)."""
     from moejax.generate import decode_step, prefill_step
     from moejax.model.decoder import empty_cache
     import jax.numpy as jnp
 
-    path, model = models["qwen2_moe"]
-    prompt = _prompt(model, batch=2, seed=1)
-    T = prompt.shape[1]
-    e = _engine("fused", path, "lru", ("pct", 0.5), batch=2)
+    B, T = prompt.shape
     key = jax.random.PRNGKey(0)
-    cache = empty_cache(model.config, 2, 64, model.dtype)
+    cache = empty_cache(model.config, B, 64, model.dtype)
     tok, ref, cache = prefill_step(model.graphdef, model.state, jnp.asarray(pad_prompt(prompt)), cache,
                                    jnp.int32(T - 1), key, 0.0, 1.0)
     _, ours = e.prefill(pad_prompt(prompt), T, key)
     for i in range(NEW):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
-        _, ours = e.step(tok, T + i, key)  # both are fed the resident model's greedy token
+        _, ours = e.step(tok, T + i, key)
         tok, ref, cache = decode_step(model.graphdef, model.state, tok, cache, jnp.int32(T + i), key, 0.0, 1.0)
+
+
+def test_offloaded_logits_match_resident_batch2(models):
+    """Teacher-forced logits at every step, batch 2, 50% budget: the fused engine's are the
+    resident model's bit for bit (the same expert arithmetic in the same order)."""
+    path, model = models["qwen2_moe"]
+    e = _engine("fused", path, "lru", ("pct", 0.5), batch=2)
+    _assert_logits_match_resident(e, model, _prompt(model, batch=2, seed=1))
     assert e.telemetry.decode_unique > e.telemetry.decode_hits  # the small pool really missed
 
 
@@ -198,19 +239,20 @@ def test_fused_never_recompiles_and_never_copies_the_pool(models):
 
 
 @pytest.mark.parametrize("kind", ENGINES)
-@pytest.mark.parametrize("policy", ["lru", "smoe"])
-def test_device_bytes_never_exceed_budget(models, kind, policy):
+@pytest.mark.parametrize("policy,width", [("lru", 0), ("smoe", 0), ("smoe", 2)])
+def test_device_bytes_never_exceed_budget(models, kind, policy, width):
     """An absolute budget at the minimum: the plan holds dense weights, KV cache, staging (the
     fused engine: a scratch slot and its compiled programs' temporaries, measured with
-    memory_analysis) and a pool of k experts, and the engine's device arrays never exceed it."""
+    memory_analysis: with a prefetch width, its copies in flight) and a pool of k experts, and
+    the engine's device arrays never exceed it."""
     path, model = models["mixtral"]
     spec = _spec(model, "min", policy, kind)
     if kind == "fused":  # the smallest budget that holds the programs' temporaries and k experts
-        probe = _engine(kind, path, policy, spec)
+        probe = _engine(kind, path, policy, spec, prefetch_width=width)
         probe.generate(_prompt(model), 2)
         assert probe.plan.program_bytes > 0 and probe.plan.pool_slots == model.config.top_k
         spec = ("bytes", probe.plan.budget_bytes)
-    e = _engine(kind, path, policy, spec)
+    e = _engine(kind, path, policy, spec, prefetch_width=width)
     step = e.step
 
     def checked(*a, **k):
@@ -282,14 +324,15 @@ def bf16_model(models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ENGINES)
-@pytest.mark.parametrize("policy", ["lru", "smoe"])
-def test_bfloat16_offloaded_tokens_equal_resident(bf16_model, kind, policy):
-    """In bfloat16 too: the engines' prefill and decode round exactly as the resident model's."""
+@pytest.mark.parametrize("policy,width", [("lru", 0), ("smoe", 0), ("smoe", 2)])
+def test_bfloat16_offloaded_tokens_equal_resident(bf16_model, kind, policy, width):
+    """In bfloat16 too: the engines' prefill and decode round exactly as the resident model's
+    (width: --prefetch-width)."""
     path, model = bf16_model
     assert model.dtype == jax.numpy.bfloat16
     prompt = _prompt(model, seed=6)
     ref = model.generate(prompt, NEW)
-    e = _engine(kind, path, policy, _spec(model, "min", policy, kind), alpha=0.0)
+    e = _engine(kind, path, policy, _spec(model, "min", policy, kind), alpha=0.0, prefetch_width=width)
     assert e.generate(prompt, NEW).tokens == ref.tokens
 
 

@@ -232,6 +232,29 @@ def test_prefetch_never_evicts_shielded_and_loads_fewer():
     assert not np.asarray(s2["prefetched"]).any()
 
 
+def test_fixed_width_prefetch_loads_the_first_missing_of_the_ranking():
+    """prefetch_width P: the first P experts of the ranking that are not resident, a Fetches of
+    size P whatever the count; slots left without an expert count as prefetch_idle."""
+    lay = D.Layout(2, 8, 4)
+    pol = LRU(prefetch_width=2)
+    s = _run(D.init_state(lay), lay, LRU(), 1, [[[3, 6]]])  # (1, 3), (1, 6): slots 0, 1
+    rank = jnp.array([6, 3, 0, 7, 1, 2, 4, 5])  # 6 and 3 are resident: 0 and 7 are loaded
+    s1, f = D.plan_prefetch(s, lay, pol, 1, rank, jnp.ones(8, bool), (0, jnp.array([0]), jnp.array([False])))
+    assert f.experts.shape == (2,) and int(f.count) == 2
+    assert np.asarray(f.experts).tolist() == [0, 7] and np.asarray(f.slots).tolist() == [2, 3]
+    c = _counters(s1)
+    assert (c["prefetch_issued"], c["prefetch_idle"]) == (2, 0)
+    # one free slot is left after layer 0 shields 3 of the 4: one expert loaded, one slot idle
+    s = _run(D.init_state(lay), lay, LRU(), 0, [[[1, 2, 5]]])
+    s2, f = D.plan_prefetch(s, lay, pol, 1, rank, jnp.ones(8, bool),
+                            (0, jnp.array([1, 2, 5]), jnp.array([True] * 3)))
+    assert int(f.count) == 1 and int(f.experts[0]) == 6 and f.experts.shape == (2,)
+    c = _counters(s2)
+    assert (c["prefetch_issued"], c["prefetch_idle"]) == (1, 1)
+    assert _owner(s2, lay) == [(0, 1), (0, 2), (0, 5), (1, 6)]
+    _check_consistent(s2, lay)
+
+
 def test_ondemand_release_frees_slots():
     pol = OnDemand()
     assert pol.reuse is False

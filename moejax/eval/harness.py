@@ -9,7 +9,7 @@ from other packages, so its command line is run through this module:
 
 model_args (all optional): path (default: the bundled model), vram_budget (as --vram-budget;
 none: every expert resident), policy (default smoe with a budget, else resident), alpha,
-substitute (window, hybrid, similarity, skip), similarity, score_window, engine (fused,
+substitute (window, hybrid, similarity, skip), similarity, score_window, prefetch_width, engine (fused,
 stepwise), per_layer, prefix (context tokens prefilled, or "all"; default 8), max_length (the
 longest sequence scored; default the model's context).
 
@@ -31,7 +31,8 @@ from moejax.eval import tasks as T
 @register_model("moejax")
 class MoejaxLM(LM):
     def __init__(self, path=None, vram_budget=None, policy=None, alpha=None, substitute="window", similarity=None,
-                 score_window=16, engine=None, per_layer=False, prefix=8, max_length=None, **unused):
+                 score_window=16, engine=None, per_layer=False, prefix=8, max_length=None, prefetch_width=0,
+                 **unused):
         super().__init__()
         import moejax
         from moejax import cli
@@ -45,7 +46,7 @@ class MoejaxLM(LM):
         self.spec = cli.parse_budget_arg(str(vram_budget)) if vram_budget not in (None, "") else None
         self.policy = policy or ("smoe" if self.spec else "resident")
         self.sub = cli.Substitution(cli.DEFAULT_ALPHA if alpha is None else float(alpha), substitute, similarity,
-                                    int(score_window))
+                                    int(score_window), int(prefetch_width))
         self.kind = "none" if self.policy == "resident" else (engine or "fused")
         self.per_layer = bool(per_layer)
         self.prefix = cli._prefix_arg(str(prefix))

@@ -102,6 +102,17 @@ def write_fetches(pool, stack, fetches, device_sharding, mode: str = DEFAULT_FET
     return pool
 
 
+def land(pool, blocks, fetches, after):
+    """pool [S + 1, ...] <- blocks (copied earlier, one per entry of fetches) at
+    fetches.slots[:count]; the blocks past count go to the scratch slot. The writes are
+    ordered after the array `after`, computed from the pool's earlier reads (ordered_after)."""
+    scratch, slots = pool.shape[0] - 1, ordered_after(fetches.slots, after)
+    for j, block in enumerate(blocks):
+        pool = lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype),
+                                               jnp.where(j < fetches.count, slots[j], scratch), 0)
+    return pool
+
+
 @partial(jax.jit, donate_argnums=(0,))
 def write_block(pool, block, slot):
     """pool [S, 3, H, I] <- block [3, H, I] at slot (traced): the stepwise engine's pool write."""

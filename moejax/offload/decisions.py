@@ -15,7 +15,8 @@ CacheState (a dict of arrays; L = MoE layers, E = experts per layer, S = pool sl
   clock             one tick per expert use
   counters          hits, unique, routed, substituted, skipped (dropped by --substitute skip),
                     fetched (decode transfers, prefetches included), prefill_fetched,
-                    prefetch_issued, prefetch_used
+                    prefetch_issued, prefetch_used, prefetch_idle (fixed-width prefetch slots
+                    left without an expert: the fused engine copies a block for nothing)
 Slots are shared by all MoE layers (the paper's global cache) or split evenly per layer
 (`Layout.ranges`). A plan fills slots in this order: free slots (lowest first), then the
 policy's eviction order (`Policy.eviction_keys`, ties to the lowest slot); experts the layer
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 COUNTERS = ("hits", "unique", "routed", "substituted", "skipped", "fetched", "prefill_fetched", "prefetch_issued",
-            "prefetch_used")
+            "prefetch_used", "prefetch_idle")
 
 
 @dataclass(frozen=True)
@@ -261,16 +262,27 @@ def plan_decode(state, layout: Layout, policy, m: int, experts, pending=None):
 def plan_prefetch(state, layout: Layout, policy, m: int, predicted, valid, shield_experts, pending=None):
     """Speculative loads for MoE layer m: the unique predicted experts [M] (valid entries,
     in order) not on the device nor on the way, as many as fit without evicting the
-    shielded ones (the current layer's experts: (layer, uniq [U], ok [U])) -> (state, Fetches)."""
-    E = layout.experts
-    uniq, ok, _ = unique_first(predicted, valid, size=min(predicted.shape[0], E))
+    shielded ones (the current layer's experts: (layer, uniq [U], ok [U])) -> (state, Fetches).
+
+    policy.prefetch_width P > 0: predicted is a ranking of all E experts (`fused.predict_next`),
+    and the first P of them that are missing are loaded; Fetches then has the fixed size P,
+    and the slots left without an expert (fewer than P missing, or no room) count as
+    prefetch_idle."""
+    E, P = layout.experts, policy.prefetch_width
+    if P:
+        uniq, ok = predicted, valid  # a ranking: unique already
+    else:
+        uniq, ok, _ = unique_first(predicted, valid, size=min(predicted.shape[0], E))
     resident = state["table"][m] >= 0
     if pending is not None:
         resident = resident | pending
     want, n_want = compact(uniq, ok & ~resident[uniq])
     shield = _owner_mask(state, layout, *shield_experts)
     nf = jnp.minimum(n_want, room(state, layout, m, shield))
-    slots = choose_slots(state, layout, policy, m, nf, shield, uniq.shape[0])
+    if P:
+        want, nf = want[:P], jnp.minimum(nf, P)
+        state = _count(state, "prefetch_idle", P - nf)
+    slots = choose_slots(state, layout, policy, m, nf, shield, want.shape[0])
     state = assign(state, layout, m, want, slots, nf)
     state = {**state, "prefetched": put(state["prefetched"], m * E + want, True, jnp.arange(want.shape[0]) < nf)}
     state = _count(_count(state, "prefetch_issued", nf), "fetched", nf)

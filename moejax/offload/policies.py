@@ -3,7 +3,10 @@
 the same way for every driver (the fused program, the stepwise engine, trace replay).
 
 Flags: `reuse=False`: cached experts are never used again (on-demand loading); `prefetch`:
-which speculative prefetch ("next-layer-gate" or "top-score"); `substitute`:
+which speculative prefetch ("next-layer-gate" or "top-score"); `prefetch_width` (a setting):
+0 prefetches what the prediction selects (the paper's rule, any number per layer), P > 0
+exactly the P most probable missing experts of the next layer, a fixed number, so that the
+fused engine can issue them as unconditional copies that overlap compute; `substitute`:
 importance-driven substitution (moejax.offload.importance); `needs_probs`: the policy
 observes every decode layer's router probabilities (score-aware eviction).
 
@@ -23,6 +26,7 @@ class Policy:
     alpha: float = 0.0
     mode: str = "window"
     score_window: int = 16
+    prefetch_width: int = 0
     name = "base"
     reuse = True
     prefetch = None  # "next-layer-gate" | "top-score"
@@ -117,6 +121,17 @@ ALL_NAMES = ("resident", *POLICIES)
 ABLATION = ("lru", "score", "score-sub", "smoe")  # the paper's ladder, one step at a time
 
 
-def make_policy(name: str, alpha: float = 0.0, mode: str = "window", score_window: int = 16) -> Policy:
+def check_width(width: int, cfg) -> int:
+    """--prefetch-width, validated against the model: 0 (the paper's rule) up to its experts."""
+    if not 0 <= int(width) <= cfg.num_experts:
+        from moejax.errors import MoejaxError
+
+        raise MoejaxError(f"--prefetch-width {width} must be between 0 and the model's {cfg.num_experts} experts")
+    return int(width)
+
+
+def make_policy(name: str, alpha: float = 0.0, mode: str = "window", score_window: int = 16,
+                prefetch_width: int = 0) -> Policy:
     cls = Belady if name == "belady" else POLICIES[name]
-    return cls(alpha=float(alpha), mode=mode, score_window=int(score_window))
+    return cls(alpha=float(alpha), mode=mode, score_window=int(score_window),
+               prefetch_width=int(prefetch_width) if cls.prefetch else 0)
