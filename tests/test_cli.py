@@ -183,6 +183,18 @@ def test_bench_fused_reports_its_compile_time(tiny_dir, tmp_path, monkeypatch):
     assert rec["engine"] == "fused" and rec["compile_s"] > 0.5
 
 
+def test_bench_runs_prefetch_widths_side_by_side(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--policies smoe,smoe:2: the same policy with the paper's prefetch rule and with a fixed
+    width, one record each, named in the table."""
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "b.json"
+    assert main(["bench", "--model", str(tiny_dir), "--vram-budget", "50%", "--policies", "smoe,smoe:2",
+                 "--trials", "1", "--new-tokens", "3", "--engine", "fused", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert [(r["policy"], r["prefetch_width"]) for r in recs] == [("smoe", 0), ("smoe", 2)]
+    assert "| smoe (prefetch width 2) | fused |" in capsys.readouterr().out
+
+
 def test_bench_emulated_link_labelled(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "b.json"

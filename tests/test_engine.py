@@ -137,6 +137,26 @@ def test_fixed_width_prefetch_is_exact_and_shared(models, policy, budget):
     assert fused.transfers == stepwise.transfers + stepwise.prefetch_idle
 
 
+def test_fixed_width_prediction_ranks_all_experts_most_probable_first(models):
+    """predict_next with a prefetch width: every expert once, by the highest predicted
+    probability over the batch's tokens, so the P first missing ones are the likeliest."""
+    import jax.numpy as jnp
+
+    from moejax.fused import predict_next
+    from moejax.offload.policies import make_policy
+
+    _, model = models["mixtral"]
+    cfg = model.config
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.standard_normal((3, cfg.hidden_size)), jnp.float32)
+    router = jnp.asarray(rng.standard_normal((cfg.hidden_size, cfg.num_experts)), jnp.float32)
+    pol = make_policy("lru-prefetch", prefetch_width=2)
+    rank, valid = predict_next(cfg, pol, (router, None, None), None, h, None, None, None, None, None)
+    probs = np.asarray(jax.nn.softmax(np.asarray(h) @ np.asarray(router), axis=-1)).max(axis=0)
+    assert sorted(np.asarray(rank).tolist()) == list(range(cfg.num_experts)) and np.asarray(valid).all()
+    assert np.all(np.diff(probs[np.asarray(rank)]) <= 0)  # most probable first
+
+
 def test_prefetch_width_beyond_the_experts_is_an_error(models):
     from moejax.errors import MoejaxError
 

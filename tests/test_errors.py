@@ -94,6 +94,9 @@ CASES = [
     Case("sweep-policy-bogus", ["eval", "sweep", "--text", "t.txt", "--policy", "bogus"], "invalid choice: 'bogus'"),
     Case("decode-policy-belady", ["decode", "--prompt", "x", "--policy", "belady"], "invalid choice: 'belady'"),
     Case("bench-policies", [*BENCH, "--policies", "lru,bogus"], "--policies: 'bogus' is not one of"),
+    Case("bench-width-lru", [*BENCH, "--policies", "smoe,lru:2"], "a prefetch width goes with a prefetching policy"),
+    Case("bench-width-word", [*BENCH, "--policies", "smoe:two"], "must be a whole number"),
+    Case("decode-width-negative", ["decode", "--prompt", "x", "--prefetch-width=-1"], "--prefetch-width -1 must be 0"),
     # text that is not text
     Case("ppl-binary", ["eval", "ppl", "--text", "bin.txt"], "--text bin.txt is not UTF-8 text", binary),
     Case("ppl-empty", ["eval", "ppl", "--text", "empty.txt"], "--text empty.txt is empty", empty),
