@@ -119,6 +119,9 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     "hit_rate": stats["hit_rate"], "substitution_rate": stats["substitution_rate"],
                     "skip_rate": stats["skip_rate"],
                     "bytes_h2d_per_token": stats["bytes_h2d"] / steps if steps else 0.0,
+                    # host -> device copies per token, and the prefetches among them
+                    "transfers_per_token": stats["transfers"] / steps if steps else 0.0,
+                    "prefetch_issued_per_token": stats.get("prefetch_issued", 0) / steps if steps else 0.0,
                     "bytes_h2d_prefill": stats["bytes_h2d_prefill"],
                     "prefetch_precision": stats["prefetch_precision"],
                     "sched_us_median": stats["sched_us_median"],

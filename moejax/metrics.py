@@ -69,7 +69,8 @@ class Telemetry:
             "hit_rate": self.hit_rate, "substitution_rate": self.substitution_rate, "skip_rate": self.skip_rate,
             "bytes_h2d": self.bytes_h2d_decode, "bytes_h2d_prefill": self.bytes_h2d_prefill,
             "transfers": self.transfers, "prefetch_precision": self.prefetch_precision,
-            "prefetch_dropped": self.prefetch_dropped, "prefetch_idle": self.prefetch_idle,
+            "prefetch_issued": self.prefetch_issued, "prefetch_dropped": self.prefetch_dropped,
+            "prefetch_idle": self.prefetch_idle,
             "ttft_ms": 1e3 * self.ttft_s, "tpot_ms": self.tpot_ms, "peak_device_bytes": self.peak_device_bytes,
             "sched_us_median": float(np.median(self.sched_us)) if self.sched_us else float("nan"),
         }

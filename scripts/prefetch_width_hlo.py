@@ -80,6 +80,9 @@ def main(argv=None) -> int:
                      "step": check["per_step"], "pool_shaped_copies": check["pool_shaped_copies"],
                      "host_compute_ops": check["host_compute_ops"],
                      "top_level_copies_between": [c["between"] for c in cs if c["computation_size"] > loop_size],
+                     # fetch loops (this layer's misses) among them: a copy that spans one shares the link
+                     "top_level_copies_loops_between": [c["loops_between"] for c in cs
+                                                        if c["computation_size"] > loop_size],
                      "loop_copies_between": [c["between"] for c in cs if c["computation_size"] == loop_size]})
         r = rows[-1]
         print(f"{policy} batch {batch} width {width}: {r['step']['ops']} instructions per step, "
