@@ -212,8 +212,9 @@ class FusedEngine(OffloadedGeneration):
 
         With a fixed prefetch width P (policy.prefetch_width) the next layer's prefetches are
         decided as soon as this layer's plan is made and copied by P unconditional fetches at
-        the program's top level, which XLA may overlap with this layer's fetches and compute
-        and the next layer's attention (a copy in a loop or a branch cannot overlap anything);
+        the program's top level, started once this layer's own fetches have landed, so that
+        XLA may overlap them with this layer's expert compute and the next layer's attention
+        (a copy in a loop or a branch cannot overlap anything);
         `staged` (blocks, Fetches) are the previous layer's, written into the pool here, before
         this layer reads it. Returns (x, kv, pool, state, this layer's staged copies or None)."""
         cfg, pol, lay = self.config, self.policy, self.layout
@@ -236,8 +237,13 @@ class FusedEngine(OffloadedGeneration):
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
             if pol.prefetch_width:
                 state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
-                spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in pf.experts), pf
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
+        if pol.prefetch and nxt is not None and pol.prefetch_width:
+            # started once this layer's own fetches have landed (a one-element read of the pool
+            # after them), so they do not share the link with the fetches the compute waits for
+            probe = jax.lax.dynamic_slice(pool, (0,) * pool.ndim, (1,) * pool.ndim)
+            ids = ordered_after(pf.experts, probe)
+            spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in ids), pf
         slots = state["table"][mi][experts]  # [N, k]
         routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
         x = x + (dense + routed).reshape(x.shape)
