@@ -272,6 +272,12 @@ def cmd_decode(args) -> None:
     subst = f", {sub.describe()}" if substitutes else ""
     print(f"model {cfg.model_type} ({args.model or path}), {dtype}; policy {policy}{subst}; engine {kind}; "
           f"{pool_text(engine)}; {plan.describe()}", file=sys.stderr)
+    if engine is not None and engine.policy.prefetch_width:
+        width, spare = engine.policy.prefetch_width, engine.layout.share - min(cfg.top_k, cfg.num_experts)
+        if spare < width:
+            print(f"note: --prefetch-width {width}, but a layer's prefetches are sure of only {max(spare, 0)} free "
+                  "slots at this budget: the fused engine's copies for slots it cannot fill move bytes for nothing "
+                  "(counted as prefetch_idle)", file=sys.stderr)
 
     shown = ""
     generated: list[int] = []

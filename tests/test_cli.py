@@ -99,6 +99,19 @@ def test_decode_offloaded_json(tiny_dir, tmp_path, capsys, monkeypatch):
     assert "engine fused" in err
 
 
+def test_decode_notes_a_prefetch_width_the_pool_has_no_room_for(tiny_dir, tmp_path, capsys, monkeypatch):
+    """16 experts x 2 MoE layers, top-4: at 25% (8 slots) a layer can always spare 4 slots for
+    two prefetches; at 13% (4 slots) none, and decode says so (the idle copies move bytes)."""
+    monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+    base = ["decode", "--model", str(tiny_dir), "--prompt", "The experts", "--max-new-tokens", "3", "--policy", "smoe",
+            "--prefetch-width", "2"]
+    assert main([*base, "--vram-budget", "25%"]) == 0
+    err = capsys.readouterr().err
+    assert "prefetch width 2" in err and "note: --prefetch-width" not in err
+    assert main([*base, "--vram-budget", "13%"]) == 0
+    assert "sure of only 0 free slots" in capsys.readouterr().err
+
+
 def test_decode_stepwise_engine_named(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "step.json"
