@@ -149,11 +149,12 @@ def test_every_policy_exact_at_alpha_zero_quarter_budget(engine_models, name):
     assert len(model.config.moe_layer_ids) == 2  # prefetching policies have a next layer to predict
     prompt = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, 7))
     ref = model.generate(prompt, NEW)
-    runs = [("stepwise", p) for p in POLICIES] + [("fused", "lru"), ("fused", "smoe")]
-    for kind, policy in runs:
-        e = make_engine(kind, path, policy, ("pct", 0.25), cache_len=64, alpha=0.0)
+    runs = ([("stepwise", p, 0) for p in POLICIES] + [("fused", "lru", 0), ("fused", "smoe", 0)]
+            + [(kind, "smoe", 2) for kind in ("stepwise", "fused")])  # --prefetch-width 2 as well
+    for kind, policy, width in runs:
+        e = make_engine(kind, path, policy, ("pct", 0.25), cache_len=64, alpha=0.0, prefetch_width=width)
         g = e.generate(prompt, NEW)
-        assert g.tokens == ref.tokens, (kind, policy)
+        assert g.tokens == ref.tokens, (kind, policy, width)
         assert e.telemetry.substituted == 0 and e.telemetry.peak_device_bytes <= e.plan.budget_bytes, (kind, policy)
         assert e.telemetry.decode_unique > e.telemetry.decode_hits, (kind, policy)  # the quarter pool really missed
 
@@ -166,15 +167,20 @@ SUBSTITUTING_BUDGET = {"deepseek": 0.25, "deepseek_v2": 0.5, "deepseek_v3": 0.37
 def test_smoe_substitutes_within_budget(engine_models, name):
     path, model = engine_models[name]
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, 7))
-    out = {}
-    for kind in ("stepwise", "fused"):  # sigmoid routers, group-limited selection: the same decisions
-        e = make_engine(kind, path, "smoe", ("pct", SUBSTITUTING_BUDGET[name]), cache_len=64, alpha=0.5)
-        g = e.generate(prompt, NEW)
-        assert len(g.tokens[0]) == NEW and e.telemetry.substituted > 0
-        assert e.telemetry.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
-        assert e.telemetry.peak_device_bytes <= e.plan.budget_bytes
-        out[kind] = (g.tokens, e.telemetry.decode_hits, e.telemetry.substituted, e.telemetry.transfers, e.telemetry.prefetch_issued)
-    assert out["fused"] == out["stepwise"]
+    for width in (0, 2):  # the paper's prefetch rule and --prefetch-width 2
+        out = {}
+        for kind in ("stepwise", "fused"):  # sigmoid routers, group-limited selection: the same decisions
+            e = make_engine(kind, path, "smoe", ("pct", SUBSTITUTING_BUDGET[name]), cache_len=64, alpha=0.5,
+                            prefetch_width=width)
+            g = e.generate(prompt, NEW)
+            t = e.telemetry
+            assert len(g.tokens[0]) == NEW and t.substituted > 0
+            assert t.routed == (NEW - 1) * len(model.config.moe_layer_ids) * model.config.top_k
+            assert t.peak_device_bytes <= e.plan.budget_bytes
+            # fused: its idle fixed-width copies are transfers too (stepwise makes none)
+            moved = t.transfers - (t.prefetch_idle if kind == "fused" else 0)
+            out[kind] = (g.tokens, t.decode_hits, t.substituted, moved, t.prefetch_issued, t.prefetch_idle)
+        assert out["fused"] == out["stepwise"], width
 
 
 # ---- the released checkpoints' config.json files (as on the hub, abridged of auto_map) -----
