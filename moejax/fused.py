@@ -239,10 +239,11 @@ class FusedEngine(OffloadedGeneration):
                 state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         if pol.prefetch and nxt is not None and pol.prefetch_width:
-            # started once this layer's own fetches have landed (a one-element read of the pool
-            # after them), so they do not share the link with the fetches the compute waits for
-            probe = jax.lax.dynamic_slice(pool, (0,) * pool.ndim, (1,) * pool.ndim)
-            ids = ordered_after(pf.experts, probe)
+            # started once this layer's own fetches have landed (the ids pass a barrier with the
+            # pool after them), so they do not share the link with the fetches the compute waits
+            # for. (A one-element read of the pool did the same, but XLA:CPU then copied the
+            # whole pool at width 2.)
+            ids, _ = jax.lax.optimization_barrier((pf.experts, pool))
             spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in ids), pf
         slots = state["table"][mi][experts]  # [N, k]
         routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)

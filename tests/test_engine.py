@@ -17,6 +17,7 @@ from tiny import hf_config  # noqa: E402
 MODELS = {
     "mixtral": ("mixtral", {}),
     "qwen2_moe": ("qwen2_moe", dict(num_hidden_layers=3, mlp_only_layers=[1])),  # a dense layer in between
+    "mixtral3": ("mixtral", dict(num_hidden_layers=3)),  # a middle layer that lands prefetches and issues its own
 }
 POLICIES = ["ondemand", "lru", "lfu", "lru-prefetch", "score", "score-sub", "smoe"]
 BUDGETS = ["100%", "50%", "25%", "min"]
@@ -245,17 +246,21 @@ def test_fused_never_recompiles_and_never_copies_the_pool(models):
         seen.add(tuple(np.asarray(e.state["owner"]).tolist()))
     assert len(seen) > 1  # the cached set did change
     assert e.compiled_programs == programs and compiles == []
-    # the default fetch mode (loop) and the conditional ones: no program copies the pool
+    # the default fetch mode (loop), the conditional ones and fixed-width prefetch copies
+    # (widths 1 and 2: 2 once copied the pool on the CPU): no program copies the pool
     others = [_engine("fused", path, "smoe", ("pct", 0.25), alpha=0.5, fetch_mode=m) for m in ("cond", "cond-write")]
+    others += [_engine("fused", models["mixtral3"][0], "smoe", ("pct", 0.5), alpha=0.5, prefetch_width=w)
+               for w in (1, 2)]
     for other in others:
         other.prepare(7)
         assert len(other.compiled_programs) == 2
     assert e.fetch_mode == "loop"
-    pool_shape = "[" + ",".join(map(str, e.pool.shape)) + "]"
-    for program in [*programs.values(), *(p for o in others for p in o.compiled_programs.values())]:
-        copies = [line for line in program.as_text().splitlines()
-                  if " copy(" in line and pool_shape in line.split(" copy(")[0]]
-        assert copies == []
+    for engine in (e, *others):
+        pool_shape = "[" + ",".join(map(str, engine.pool.shape)) + "]"
+        for program in engine.compiled_programs.values():
+            copies = [line for line in program.as_text().splitlines()
+                      if " copy(" in line and pool_shape in line.split(" copy(")[0]]
+            assert copies == [], (engine.fetch_mode, engine.policy.prefetch_width)
 
 
 @pytest.mark.parametrize("kind", ENGINES)

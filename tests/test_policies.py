@@ -335,6 +335,21 @@ def test_unique_first_and_compact():
     assert np.asarray(vals).tolist() == [11, 13, 10, 12] and int(n) == 2
 
 
+def test_compact_and_ascending_count_as_a_stable_sort_would():
+    """compact and ascending work by counting, not sorting: the same results as a stable
+    argsort on random inputs (repeated values included: ascending's padding repeats)."""
+    rng = np.random.default_rng(0)
+    for U in (1, 5, 12, 32):
+        for _ in range(20):
+            values = rng.integers(0, 40, U).astype(np.int32)
+            mask = rng.random(U) < 0.5
+            got, n = D.compact(jnp.asarray(values), jnp.asarray(mask))
+            want = values[np.argsort(np.where(mask, 0, 1), kind="stable")]
+            assert np.asarray(got).tolist() == want.tolist() and int(n) == mask.sum()
+            v = np.where(rng.random(U) < 0.3, 48, rng.permutation(48)[:U]).astype(np.int32)
+            assert np.asarray(D.ascending(jnp.asarray(v))).tolist() == np.sort(v).tolist()
+
+
 def test_registry_and_ondemand_flags():
     assert make_policy("ondemand").reuse is False and isinstance(make_policy("ondemand"), OnDemand)
     assert make_policy("lru-prefetch").prefetch == "next-layer-gate"

@@ -117,16 +117,23 @@ def unique_first(ids, valid=None, size: int | None = None):
     valid = jnp.ones(M, bool) if valid is None else valid
     same = (ids[:, None] == ids[None, :]) & valid[None, :]  # [M, M]
     first = valid & ~jnp.tril(same, -1).any(axis=1)
-    order = jnp.argsort(jnp.where(first, 0, 1), stable=True)[:U]
-    n = first.sum()
+    uniq, n = compact(ids, first)
     ok = jnp.arange(U) < n
-    return jnp.where(ok, ids[order], 0), ok, n
+    return jnp.where(ok, uniq[:U], 0), ok, n
 
 
 def compact(values, mask):
-    """values [U], mask [U] -> (values with the masked ones first, in order; their count)."""
-    order = jnp.argsort(jnp.where(mask, 0, 1), stable=True)
-    return values[order], mask.sum()
+    """values [U], mask [U] -> (values with the masked ones first, in order; their count): a
+    stable partition, by counting instead of sorting ([U, U] compares and sums, which fuse;
+    a sort is a kernel, or on the CPU a library call, of its own)."""
+    U = values.shape[0]
+    m = mask.astype(jnp.int32)
+    j = jnp.arange(U)
+    before = jnp.sum(jnp.where(j[None, :] < j[:, None], m[None, :], 0), axis=1)  # masked entries before each
+    n = m.sum()
+    place = jnp.where(mask, before, n + j - before)  # where each entry goes
+    out = jnp.sum(jnp.where(place[None, :] == j[:, None], values[None, :], 0), axis=1)
+    return out.astype(values.dtype), n
 
 
 def _owner_mask(state, layout: Layout, m: int, experts, ok):
@@ -148,7 +155,15 @@ def choose_slots(state, layout: Layout, policy, m: int, n, shield, size: int):
     cls = jnp.where((s < lo) | (s >= hi) | shield, 2, jnp.where(own >= 0, 1, 0))
     order = jnp.lexsort((s, *reversed(keys), cls))[:size]
     order = jnp.pad(order, (0, size - order.shape[0]), constant_values=S)  # more asked than slots: none
-    return jnp.sort(jnp.where(jnp.arange(size) < n, order, S)).astype(jnp.int32)
+    return ascending(jnp.where(jnp.arange(size) < n, order, S)).astype(jnp.int32)
+
+
+def ascending(v):
+    """v [U] sorted, by counting ([U, U] compares, which fuse, instead of a sort kernel)."""
+    j = jnp.arange(v.shape[0])
+    before = (v[None, :] < v[:, None]) | ((v[None, :] == v[:, None]) & (j[None, :] < j[:, None]))
+    place = before.sum(axis=1)  # [U]: entries that go before each
+    return jnp.sum(jnp.where(place[None, :] == j[:, None], v[None, :], 0), axis=1).astype(v.dtype)
 
 
 def room(state, layout: Layout, m: int, shield):
