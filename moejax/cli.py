@@ -216,6 +216,11 @@ def resident_plan(cfg, dtype: str, cache_len: int, spec):
     return plan
 
 
+def prefetch_width(engine) -> int:
+    """The engine's --prefetch-width (0: the paper's rule, or no engine / no prefetching policy)."""
+    return engine.policy.prefetch_width if engine is not None else 0
+
+
 def pool_text(engine) -> str:
     """The pool kind, and a per-layer pool's slots per layer."""
     if engine is None:
@@ -318,7 +323,7 @@ def cmd_decode(args) -> None:
             "tokens": tokens, "text": tok.decode(tokens), "prompt_tokens": len(prompt), "policy": policy,
             "engine": kind, "pool": "none" if engine is None else pool_kind(args.per_layer),
             "alpha": sub.alpha if substitutes else 0.0, "substitute": sub.mode if substitutes else None,
-            "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots,
+            "prefetch_width": prefetch_width(engine), "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots,
             "pool_share": plan.pool_share, **stats, "compile_s": compile_s, "model": str(path),
             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
         })
@@ -454,7 +459,8 @@ def cmd_eval_ppl(args) -> None:
     result.update(experts=quant.describe() if quant else model.dtype.name,
                   reference=str(args.reference or "the same model, resident"), engine=kind, policy=args.policy,
                   pool="none" if engine is None else pool_kind(args.per_layer),
-                  alpha=sub.alpha, substitute=sub.mode, budget_bytes=plan.budget_bytes, pool_slots=plan.pool_slots)
+                  alpha=sub.alpha, substitute=sub.mode, prefetch_width=prefetch_width(engine),
+                  budget_bytes=plan.budget_bytes, pool_slots=plan.pool_slots)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
     if args.json:
         write_json(args.json, result)
@@ -526,8 +532,8 @@ def cmd_eval_tasks(args) -> None:
     print(header, file=sys.stderr)
     meta = {"model": str(args.model or model.path), "path": str(args.path), "policy": policy, "engine": kind,
             "pool": "none" if engine is None else pool_kind(args.per_layer), "alpha": sub.alpha if substitutes else 0.0,
-            "substitute": sub.mode if substitutes else None, "budget_bytes": plan.budget_bytes,
-            "pool_slots": plan.pool_slots, "prefix": prefix, "limit": args.limit, "skip": args.skip,
+            "substitute": sub.mode if substitutes else None, "prefetch_width": prefetch_width(engine),
+            "budget_bytes": plan.budget_bytes, "pool_slots": plan.pool_slots, "prefix": prefix, "limit": args.limit, "skip": args.skip,
             "command": "moejax " + " ".join(sys.argv[1:])}
     rows = []
     for p in prepared:

@@ -105,9 +105,11 @@ def test_decode_notes_a_prefetch_width_the_pool_has_no_room_for(tiny_dir, tmp_pa
     monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
     base = ["decode", "--model", str(tiny_dir), "--prompt", "The experts", "--max-new-tokens", "3", "--policy", "smoe",
             "--prefetch-width", "2"]
-    assert main([*base, "--vram-budget", "25%"]) == 0
+    out = tmp_path / "w.json"
+    assert main([*base, "--vram-budget", "25%", "--json", str(out)]) == 0
     err = capsys.readouterr().err
     assert "prefetch width 2" in err and "note: --prefetch-width" not in err
+    assert json.loads(out.read_text())["prefetch_width"] == 2  # the output names it
     assert main([*base, "--vram-budget", "13%"]) == 0
     assert "sure of only 0 free slots" in capsys.readouterr().err
 
