@@ -182,7 +182,9 @@ def test_eval_sweep(tiny_dir, tmp_path, capsys, monkeypatch):
     base = ["eval", "sweep", "--model", str(tiny_dir), "--text", str(text), "--prefix", "4", "--new-tokens", "3"]
     assert main([*base, "--alphas", "0,0.5", "--json", str(out), "--figure", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 0
-    rows = json.loads(out.read_text())["rows"]
+    got = json.loads(out.read_text())
+    rows = got["rows"]
+    assert got["meta"]["prefetch_width"] == 0  # smoe, the paper's prefetch rule
     assert [r["alpha"] for r in rows] == [0.0, 0.5] and rows[0]["top1_agreement"] == 1.0
     assert all("tpot_ms" in r and "hit_rate" in r and r["engine"] == "fused" and r["compile_s"] > 0 for r in rows)
 
