@@ -75,13 +75,14 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
     records = []
     runs_of = [("none", "resident")] if "resident" in policies else []
     runs_of += [(k, p) for k in engines for p in policies if p != "resident"]
+    named = {p: split_policy(p) for p in policies}  # "smoe:2" -> ("smoe", 2)
     total = len(budgets) * len(batches) * trials * len(runs_of)
     bar = tqdm(total=total, desc="bench", unit="run", disable=not progress)
     for spec_text, spec in budgets:
         for batch in batches:
             prompt = prompt_tokens(tok, cfg.vocab_size, batch, prompt_len)
-            built = {(k, p): make_engine(k, path, split_policy(p)[0], spec, batch=batch, cache_len=S, parts=parts,
-                                         **_with_width(settings or {}, split_policy(p)[1]))
+            built = {(k, p): make_engine(k, path, named[p][0], spec, batch=batch, cache_len=S, parts=parts,
+                                         **_with_width(settings or {}, named[p][1]))
                      for k, p in runs_of if p != "resident"}
             runs: dict[tuple, list] = {kp: [] for kp in runs_of}
             for trial in range(trials):
@@ -101,13 +102,12 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     bar.update()
             for kp in runs_of:
                 kind, p = kp
-                name, width = split_policy(p)
                 gens = [g for g, _ in runs[kp]]
                 stats = runs[kp][-1][1]  # counters are deterministic across trials
                 steps = len(gens[-1].step_s)
                 plan = built[kp].plan if p != "resident" else None
                 records.append({
-                    "policy": name, "engine": kind, "batch": batch,
+                    "policy": named[p][0], "engine": kind, "batch": batch,
                     "budget": spec_text,
                     "budget_bytes": plan.budget_bytes if plan else None,
                     "pool_slots": plan.pool_slots if plan else cfg.num_experts * len(cfg.moe_layer_ids),
@@ -132,7 +132,7 @@ def run_bench(path: Path, budgets: list, batches: list[int], policies: list[str]
                     "program_bytes": plan.program_bytes if plan else 0,
                     "prefetch_dropped": stats.get("prefetch_dropped", 0),
                     "prefetch_idle": stats.get("prefetch_idle", 0),
-                    "prefetch_width": _with_width(settings or {}, width).get("prefetch_width", 0),
+                    "prefetch_width": built[kp].policy.prefetch_width if p != "resident" else 0,
                     "alpha": (settings or {}).get("alpha", 0.0),
                     "substitute": (settings or {}).get("substitute", "window"),
                 })

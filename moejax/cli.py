@@ -631,7 +631,7 @@ def cmd_eval_sweep(args) -> None:
     from moejax.engine import load_parts, make_engine
     from moejax.eval.ppl import evaluate
     from moejax.generate import cache_length
-    from moejax.offload.policies import POLICIES
+    from moejax.offload.policies import make_policy
 
     try:
         alphas = [float(a) for a in args.alphas.split(",")]
@@ -658,7 +658,7 @@ def cmd_eval_sweep(args) -> None:
     link = _link(args, parts, model.path)
     pool = pool_kind(args.per_layer)
     meta = {"engine": kind, "policy": args.policy, "budget": args.vram_budget, "substitute": sub.mode, "pool": pool,
-            "prefetch_width": sub.prefetch_width if getattr(POLICIES.get(args.policy), "prefetch", None) else 0,
+            "prefetch_width": make_policy(args.policy, prefetch_width=sub.prefetch_width).prefetch_width,
             "text": args.text, "link": link.describe(), "command": "moejax " + " ".join(sys.argv[1:])}
     rows = []
     for a in alphas:

@@ -54,17 +54,15 @@ def predict_next(cfg, policy, nxt, x, h, dense, pool, slots, hit, weights):
     With a fixed prefetch width (policy.prefetch_width): all E experts ranked by their highest
     predicted importance over the tokens (ties to the lower id), all valid."""
     router, bias, norm = nxt
-    if policy.prefetch == "next-layer-gate":
-        scores, _, idx = moe.route(cfg, h, router, bias)
-        top = jnp.ones(idx.shape, bool)
-    else:
-        approx = x.reshape(h.shape) + dense + moe.experts_indexed(h, pool, jnp.where(hit, slots, 0),
-                                                                   jnp.where(hit, weights, 0.0), cfg.quant)
-        scores, _, idx = moe.route(cfg, L.rms_norm(approx, norm, cfg.rms_norm_eps), router, bias)
-        _, top = classify(moe.importance(scores, cfg.router), idx, policy.alpha)
+    gate = policy.prefetch == "next-layer-gate"
+    if not gate:
+        h = L.rms_norm(x.reshape(h.shape) + dense + moe.experts_indexed(
+            h, pool, jnp.where(hit, slots, 0), jnp.where(hit, weights, 0.0), cfg.quant), norm, cfg.rms_norm_eps)
+    scores, _, idx = moe.route(cfg, h, router, bias)
     if policy.prefetch_width:
         rank = jnp.argsort(-moe.importance(scores, cfg.router).max(axis=0), stable=True).astype(jnp.int32)  # [E]
         return rank, jnp.ones(rank.shape, bool)
+    top = jnp.ones(idx.shape, bool) if gate else classify(moe.importance(scores, cfg.router), idx, policy.alpha)[1]
     return idx.reshape(-1), top.reshape(-1)
 
 
@@ -231,26 +229,26 @@ class FusedEngine(OffloadedGeneration):
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
         if staged is not None:  # after the previous layer's reads of the pool (x_in depends on them)
             pool = land(pool, *staged, x_in)
-        spec = None
-        if pol.prefetch and nxt is not None:  # from the pool before this layer's fetches land
+        prefetch, spec = pol.prefetch and nxt is not None, None
+        if prefetch:  # from the pool before this layer's fetches land
             predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
             if pol.prefetch_width:
-                state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+                state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
-        if pol.prefetch and nxt is not None and pol.prefetch_width:
+        if spec is not None:
             # started once this layer's own fetches have landed (the ids pass a barrier with the
             # pool after them), so they do not share the link with the fetches the compute waits
             # for. (A one-element read of the pool did the same, but XLA:CPU then copied the
             # whole pool at width 2.)
-            ids, _ = jax.lax.optimization_barrier((pf.experts, pool))
-            spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in ids), pf
+            ids, _ = jax.lax.optimization_barrier((spec.experts, pool))
+            spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in ids), spec
         slots = state["table"][mi][experts]  # [N, k]
         routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
-        if pol.prefetch and nxt is not None and not pol.prefetch_width:
+        if prefetch and not pol.prefetch_width:
             state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
             pf = dataclasses.replace(pf, slots=ordered_after(pf.slots, routed))  # after this layer's reads
             pool = write_fetches(pool, nxt_stack, pf, self.store.device_sharding, self.fetch_mode)

@@ -165,13 +165,12 @@ def step_inventory(comps: dict[str, list[dict]]) -> dict:
             "by_op": dict(ops.most_common(8))}
 
 
-def h200_hlo_check(text: str, pool_shape: tuple[int, ...]) -> dict:
-    """Async host->device copies (an async start whose operand is in host memory, S(5)), where
-    they are scheduled, and what remains of conditionals and whole-pool copies."""
-    comps = parse_hlo(text)
-    branches = {c for instrs in comps.values() for i in instrs if i["op"] == "conditional" for c in _called(i)}
-    pool_dims = ",".join(map(str, pool_shape))
-    pairs, in_branch, in_entry, between = [], 0, 0, []
+def async_h2d_copies(comps: dict[str, list[dict]]) -> list[dict]:
+    """Every asynchronous host -> device copy (an async start whose operand is in host memory,
+    S(5)): its computation and that computation's size, "start/done" opcodes, and the
+    non-trivial instructions the scheduler put between its start and its done (None if no
+    done was found)."""
+    out = []
     for cname, instrs in comps.items():
         for k, i in enumerate(instrs):
             if not i["op"].endswith("-start") or "S(5)" not in i["shape"]:
@@ -179,12 +178,24 @@ def h200_hlo_check(text: str, pool_shape: tuple[int, ...]) -> dict:
             done = next((j for j in range(k + 1, len(instrs))
                          if instrs[j]["op"].endswith("-done") and re.match(rf"%?{re.escape(i['name'])}\b",
                                                                            instrs[j]["rest"])), None)
-            pairs.append(f"{i['op']}/{instrs[done]['op'] if done is not None else 'missing'}")
-            in_branch += cname in branches
-            in_entry += cname == "ENTRY"
-            if done is not None:  # work the scheduler put between the start and its done
-                between.append(sum(1 for x in instrs[k + 1:done]
-                                   if x["op"] not in TRIVIAL and not x["op"].endswith(("-start", "-done"))))
+            between = None if done is None else [
+                x["op"] for x in instrs[k + 1:done] if x["op"] not in TRIVIAL and not x["op"].endswith(("-start", "-done"))]
+            out.append({"computation": cname, "computation_size": len(instrs), "between": between,
+                        "pair": f"{i['op']}/{instrs[done]['op'] if done is not None else 'missing'}"})
+    return out
+
+
+def h200_hlo_check(text: str, pool_shape: tuple[int, ...]) -> dict:
+    """Async host->device copies (an async start whose operand is in host memory, S(5)), where
+    they are scheduled, and what remains of conditionals and whole-pool copies."""
+    comps = parse_hlo(text)
+    branches = {c for instrs in comps.values() for i in instrs if i["op"] == "conditional" for c in _called(i)}
+    pool_dims = ",".join(map(str, pool_shape))
+    copies = async_h2d_copies(comps)
+    pairs = [c["pair"] for c in copies]
+    in_branch = sum(c["computation"] in branches for c in copies)
+    in_entry = sum(c["computation"] == "ENTRY" for c in copies)
+    between = [len(c["between"]) for c in copies if c["between"] is not None]
     ops = Counter(i["op"] for instrs in comps.values() for i in instrs)
     entry = Counter(i["op"] for i in comps.get("ENTRY", []))
     return {

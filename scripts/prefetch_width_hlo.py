@@ -15,29 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def copies(text: str) -> list[dict]:
-    """Every async host -> device copy: its computation's size (a fetch loop's body is small),
-    and the non-trivial instructions between its start and its done."""
-    from fetch_modes import TRIVIAL, parse_hlo
-
-    out = []
-    for cname, instrs in parse_hlo(text).items():
-        for k, i in enumerate(instrs):
-            if not (i["op"].endswith("-start") and "S(5)" in i["shape"]):
-                continue
-            done = next(j for j in range(k + 1, len(instrs)) if instrs[j]["op"].endswith("-done")
-                        and re.match(rf"%?{re.escape(i['name'])}\b", instrs[j]["rest"]))
-            between = [x["op"] for x in instrs[k + 1:done] if x["op"] not in TRIVIAL and not x["op"].endswith(("-start", "-done"))]
-            out.append({"computation_size": len(instrs), "between": len(between), "loops_between": between.count("while")})
-    return out
 
 
 def main(argv=None) -> int:
@@ -55,7 +37,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     import jax
     import numpy as np
-    from fetch_modes import h200_hlo_check
+    from fetch_modes import async_h2d_copies, h200_hlo_check, parse_hlo
     from gpu_hlo import h200_hlo
 
     from moejax import api
@@ -74,16 +56,16 @@ def main(argv=None) -> int:
         text = h200_hlo(jax.jit(e._decode_fn(0.0, 1.0), donate_argnums=(2, 3, 4), compiler_options=NO_HOIST),
                         *e._decode_args(np.zeros(batch, np.int32), 0))
         compile_s = time.perf_counter() - t0
-        check, cs = h200_hlo_check(text, tuple(e.pool.shape)), copies(text)
+        check, cs = h200_hlo_check(text, tuple(e.pool.shape)), async_h2d_copies(parse_hlo(text))
         loop_size = min(c["computation_size"] for c in cs)  # the fetch loops' bodies are the smallest
+        top = [c["between"] for c in cs if c["computation_size"] > loop_size]
         rows.append({"policy": policy, "batch": batch, "prefetch_width": width, "compile_s": round(compile_s, 1),
                      "step": check["per_step"], "pool_shaped_copies": check["pool_shaped_copies"],
                      "host_compute_ops": check["host_compute_ops"],
-                     "top_level_copies_between": [c["between"] for c in cs if c["computation_size"] > loop_size],
+                     "top_level_copies_between": [len(b) for b in top],
                      # fetch loops (this layer's misses) among them: a copy that spans one shares the link
-                     "top_level_copies_loops_between": [c["loops_between"] for c in cs
-                                                        if c["computation_size"] > loop_size],
-                     "loop_copies_between": [c["between"] for c in cs if c["computation_size"] == loop_size]})
+                     "top_level_copies_loops_between": [b.count("while") for b in top],
+                     "loop_copies_between": [len(c["between"]) for c in cs if c["computation_size"] == loop_size]})
         r = rows[-1]
         print(f"{policy} batch {batch} width {width}: {r['step']['ops']} instructions per step, "
               f"{r['step']['loops']} loops; top-level copies with instructions between start and done: "

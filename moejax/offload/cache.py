@@ -83,30 +83,27 @@ def write_fetches(pool, stack, fetches, device_sharding, mode: str = DEFAULT_FET
             return lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype), fetches.slots[j], 0)
 
         return lax.fori_loop(0, fetches.count, body, pool)
-    scratch = pool.shape[0] - 1
-    for j in range(fetches.experts.shape[0]):
-        e, ok = fetches.experts[j], j < fetches.count
-        if mode == "cond-write":
-            def write(p, e=e, slot=fetches.slots[j]):
+    if mode == "cond-write":
+        for j in range(fetches.experts.shape[0]):
+            def write(p, e=fetches.experts[j], slot=fetches.slots[j]):
                 return lax.dynamic_update_index_in_dim(p, as_storage(fetch_block(stack, e, device_sharding), p.dtype),
                                                        slot, 0)
-            pool = lax.cond(ok, write, lambda p: p, pool)
-            continue
-        if mode == "cond":
-            block = lax.cond(ok, lambda e=e: fetch_block(stack, e, device_sharding),
-                             lambda: jnp.zeros(pool.shape[1:], stack.dtype))
-        else:
-            block = fetch_block(stack, e, device_sharding)
-        pool = lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype),
-                                               jnp.where(ok, fetches.slots[j], scratch), 0)
-    return pool
+            pool = lax.cond(j < fetches.count, write, lambda p: p, pool)
+        return pool
+    if mode == "cond":
+        blocks = [lax.cond(j < fetches.count, lambda e=e: fetch_block(stack, e, device_sharding),
+                           lambda: jnp.zeros(pool.shape[1:], stack.dtype)) for j, e in enumerate(fetches.experts)]
+    else:
+        blocks = [fetch_block(stack, e, device_sharding) for e in fetches.experts]
+    return land(pool, blocks, fetches)
 
 
-def land(pool, blocks, fetches, after):
-    """pool [S + 1, ...] <- blocks (copied earlier, one per entry of fetches) at
+def land(pool, blocks, fetches, *after):
+    """pool [S + 1, ...] <- blocks (copied already, one per entry of fetches) at
     fetches.slots[:count]; the blocks past count go to the scratch slot. The writes are
-    ordered after the array `after`, computed from the pool's earlier reads (ordered_after)."""
-    scratch, slots = pool.shape[0] - 1, ordered_after(fetches.slots, after)
+    ordered after the arrays `after`, computed from the pool's earlier reads (ordered_after)."""
+    scratch = pool.shape[0] - 1
+    slots = ordered_after(fetches.slots, *after) if after else fetches.slots
     for j, block in enumerate(blocks):
         pool = lax.dynamic_update_index_in_dim(pool, as_storage(block, pool.dtype),
                                                jnp.where(j < fetches.count, slots[j], scratch), 0)

@@ -131,9 +131,7 @@ def compact(values, mask):
     j = jnp.arange(U)
     before = jnp.sum(jnp.where(j[None, :] < j[:, None], m[None, :], 0), axis=1)  # masked entries before each
     n = m.sum()
-    place = jnp.where(mask, before, n + j - before)  # where each entry goes
-    out = jnp.sum(jnp.where(place[None, :] == j[:, None], values[None, :], 0), axis=1)
-    return out.astype(values.dtype), n
+    return _to_places(values, jnp.where(mask, before, n + j - before)), n
 
 
 def _owner_mask(state, layout: Layout, m: int, experts, ok):
@@ -162,8 +160,13 @@ def ascending(v):
     """v [U] sorted, by counting ([U, U] compares, which fuse, instead of a sort kernel)."""
     j = jnp.arange(v.shape[0])
     before = (v[None, :] < v[:, None]) | ((v[None, :] == v[:, None]) & (j[None, :] < j[:, None]))
-    place = before.sum(axis=1)  # [U]: entries that go before each
-    return jnp.sum(jnp.where(place[None, :] == j[:, None], v[None, :], 0), axis=1).astype(v.dtype)
+    return _to_places(v, before.sum(axis=1))
+
+
+def _to_places(values, place):
+    """values [U] moved to their places [U] (a permutation of 0..U-1), by a one-hot sum."""
+    j = jnp.arange(values.shape[0])
+    return jnp.sum(jnp.where(place[None, :] == j[:, None], values[None, :], 0), axis=1).astype(values.dtype)
 
 
 def room(state, layout: Layout, m: int, shield):
