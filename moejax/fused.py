@@ -7,7 +7,8 @@ of missing experts into the donated device pool (`cache.write_fetches`: a dynami
 the host stack + device_put per missing expert, by default in a loop over the layer's misses,
 so that a resident expert moves no bytes),
 the expert compute from the pool, and for prefetching policies the next layer's prediction
-and its prefetches. Then the LM head and sampling. The host sends a token and gets the next
+and its prefetches (copied by the next layer's fetch loop, or with a fixed prefetch width by
+unconditional copies that overlap compute). Then the LM head and sampling. The host sends a token and gets the next
 one; decision state and telemetry counters stay on the device and are read once per run.
 
 Layers are unrolled in Python (no scan over layers with host slices). Programs are compiled
@@ -208,13 +209,17 @@ class FusedEngine(OffloadedGeneration):
         its index mi, its host stack and the next MoE layer's (router, bias, norm) `nxt` and
         stack, None for the last, are arguments; jitted in _build).
 
-        With a fixed prefetch width P (policy.prefetch_width) the next layer's prefetches are
-        decided as soon as this layer's plan is made and copied by P unconditional fetches at
-        the program's top level, started once this layer's own fetches have landed, so that
-        XLA may overlap them with this layer's expert compute and the next layer's attention
-        (a copy in a loop or a branch cannot overlap anything);
-        `staged` (blocks, Fetches) are the previous layer's, written into the pool here, before
-        this layer reads it. Returns (x, kv, pool, state, this layer's staged copies or None)."""
+        The paper's prefetch rule (any number of experts per layer) is decided after this
+        layer's compute and copied by the next layer's fetch loop, ahead of that layer's own
+        misses: one loop per layer, not two (a copy in a loop cannot overlap anything, and on a
+        GPU every loop makes the device wait for the host). With a fixed prefetch width P
+        (policy.prefetch_width) the next layer's prefetches are decided as soon as this layer's
+        plan is made and copied by P unconditional fetches at the program's top level, started
+        once this layer's own fetches have landed, so that XLA may overlap them with this
+        layer's expert compute and the next layer's attention.
+        `staged`: the previous layer's prefetches for this one, Fetches (rule) or (blocks,
+        Fetches) copied already (width P). Returns (x, kv, pool, state, this layer's staged
+        prefetches or None)."""
         cfg, pol, lay = self.config, self.policy, self.layout
         x_in = x
         x, kv, h, dense, scores, weights, idx = attend_route(nnx.merge(gd, lp), x, kv, pos, cos, sin)
@@ -227,14 +232,15 @@ class FusedEngine(OffloadedGeneration):
         none = jnp.zeros(cfg.num_experts, bool)
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
-        if staged is not None:  # after the previous layer's reads of the pool (x_in depends on them)
+        if isinstance(staged, D.Fetches):  # the previous layer's prefetches for this one: one loop
+            fetches = D.join(staged, fetches)
+        elif staged is not None:  # copied already; after the previous layer's reads (x_in depends on them)
             pool = land(pool, *staged, x_in)
-        prefetch, spec = pol.prefetch and nxt is not None, None
-        if prefetch:  # from the pool before this layer's fetches land
+        prefetch, width, spec = pol.prefetch and nxt is not None, pol.prefetch_width, None
+        if prefetch and width:  # from the pool before this layer's fetches land
             predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
-            if pol.prefetch_width:
-                state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         if spec is not None:
             # started once this layer's own fetches have landed (the ids pass a barrier with the
@@ -243,15 +249,15 @@ class FusedEngine(OffloadedGeneration):
             # whole pool at width 2.)
             ids, _ = jax.lax.optimization_barrier((spec.experts, pool))
             spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in ids), spec
+        if prefetch and not width:  # the hits' blocks include the previous layer's prefetches: after the loop
+            predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
         slots = state["table"][mi][experts]  # [N, k]
         routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
-        if prefetch and not pol.prefetch_width:
-            state, pf = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
-            pf = dataclasses.replace(pf, slots=ordered_after(pf.slots, routed))  # after this layer's reads
-            pool = write_fetches(pool, nxt_stack, pf, self.store.device_sharding, self.fetch_mode)
+        if prefetch and not width:  # copied by the next layer's fetch loop, ahead of its own misses
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
         return x, kv, pool, state, spec
 
     def _moe_prefill(self, gd, lp, stack, mi, x, kv, pos, cos, sin, pool, state, valid):
@@ -286,7 +292,7 @@ class FusedEngine(OffloadedGeneration):
         B, T, _ = x.shape
         cos, sin = rope(self.config, pos, T, B, self.dtype)
         kv, layers = list(kv), module.layers
-        staged = None  # a layer's speculative copies for the next (fixed prefetch width)
+        staged = None  # a layer's prefetches for the next
         for i, layer in enumerate(layers):
             if not self.config.moe_layers[i]:
                 x, kv[i] = layer(x, kv[i], pos, cos, sin)

@@ -247,10 +247,11 @@ def test_fused_never_recompiles_and_never_copies_the_pool(models):
     assert len(seen) > 1  # the cached set did change
     assert e.compiled_programs == programs and compiles == []
     # the default fetch mode (loop), the conditional ones and fixed-width prefetch copies
-    # (widths 1 and 2: 2 once copied the pool on the CPU): no program copies the pool
+    # (widths 1 and 2: 2 once copied the pool on the CPU; 0: the rule's prefetches copied by the
+    # next layer's fetch loop, in a middle layer of three): no program copies the pool
     others = [_engine("fused", path, "smoe", ("pct", 0.25), alpha=0.5, fetch_mode=m) for m in ("cond", "cond-write")]
     others += [_engine("fused", models["mixtral3"][0], "smoe", ("pct", 0.5), alpha=0.5, prefetch_width=w)
-               for w in (1, 2)]
+               for w in (0, 1, 2)]
     for other in others:
         other.prepare(7)
         assert len(other.compiled_programs) == 2

@@ -335,6 +335,26 @@ def test_unique_first_and_compact():
     assert np.asarray(vals).tolist() == [11, 13, 10, 12] and int(n) == 2
 
 
+def test_join_loads_the_prefetches_first_so_a_later_miss_in_their_slot_stays():
+    """The fused engine copies the paper's prefetches for a layer in that layer's own fetch
+    loop, ahead of its misses (D.join). A miss may evict a wrong prefetch it does not use and
+    take its slot: loaded after it, the miss is what the slot holds, as the state says."""
+    layout, policy = D.Layout(2, 4, 2), LRU()
+    state = D.init_state(layout)
+    state, _, slots, needed = _decode(state, layout, policy, 0, [[0]])  # layer 0: expert 0 -> slot 0
+    assert slots == [0]
+    state, pf = D.plan_prefetch(state, layout, policy, 1, jnp.array([1], jnp.int32), jnp.array([True]), (0, *needed))
+    state, miss, _ = D.plan_decode(state, layout, policy, 1, jnp.array([[2]], jnp.int32))  # wrong prefetch
+    both = D.join(pf, miss)
+    n = int(both.count)
+    assert (n, np.asarray(both.experts)[:n].tolist(), np.asarray(both.slots)[:n].tolist()) == (2, [1, 2], [1, 1])
+    assert _owner(state, layout) == [(0, 0), (1, 2)]
+    # no prefetch: the misses alone
+    none = D.Fetches(jnp.zeros(3, jnp.int32), jnp.full(3, 2, jnp.int32), jnp.int32(0))
+    both = D.join(none, miss)
+    assert int(both.count) == 1 and int(both.experts[0]) == 2 and int(both.slots[0]) == 1
+
+
 def test_compact_and_ascending_count_as_a_stable_sort_would():
     """compact and ascending work by counting, not sorting: the same results as a stable
     argsort on random inputs (repeated values included: ascending's padding repeats)."""

@@ -225,6 +225,17 @@ class Fetches:
 jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "count"], meta_fields=[])
 
 
+def join(first: Fetches, then: Fetches) -> Fetches:
+    """One list of loads: first's, then then's (of the same host stack; fixed size the sum of
+    both). A later entry may reuse an earlier one's slot (a layer's miss evicting an expert the
+    previous layer prefetched for it and it does not use): it is loaded later, so it stays."""
+    ok = jnp.concatenate([jnp.arange(first.experts.shape[0]) < first.count,
+                          jnp.arange(then.experts.shape[0]) < then.count])
+    experts, n = compact(jnp.concatenate([first.experts, then.experts]), ok)
+    slots, _ = compact(jnp.concatenate([first.slots, then.slots]), ok)
+    return Fetches(experts, slots, n)
+
+
 def substitute_layer(state, policy, m, probs, idx, similarity=None, available=None):
     """Decode, docs/method.md 2: substitution of low-score experts against what MoE layer m holds
     (available [E]; default: every expert in its pool). probs [N, E] importance (moe.importance),
