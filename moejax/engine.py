@@ -12,8 +12,13 @@ Per decode step and MoE layer:
   3. fetches start (`HostExpertStore.fetch`: an in-program copy of the expert) and are
      written into their pool slots by a donated, jitted update;
   4. jitted expert compute (`_moe_out`) from the pool by slot index;
-  5. a prefetching policy predicts the next layer (`fused.predict_next`) and starts its loads,
-     which then overlap this layer's compute.
+  5. a prefetching policy predicts the next layer (`fused.predict_next`) and plans its loads.
+     On an emulated link, or with a fixed prefetch width, they start now and overlap this
+     layer's compute (an emulated link drops those that have not started once the next layer's
+     real scores are known, if it does not use them); on the real link they are queued as the
+     fused engine queues them: the next layer drops the ones it does not use and loads the
+     rest before its own misses (`decisions.drop_prefetches`), so both engines make the same
+     decisions.
 Shapes never depend on which experts are cached, so nothing recompiles after warm-up.
 """
 
@@ -146,6 +151,7 @@ class OffloadEngine(OffloadedGeneration):
         self.kv = list(empty_cache(self.config, self.batch, self.cache_len, self.dtype))
         self._inflight: dict[tuple[int, int], Transfer] = {}  # emulated link: transfers not yet landed
         self._staging: list[Transfer] = []
+        self._queued = None  # real link: (layer, Fetches) prefetches planned for the next layer, not started
         self._t = Telemetry()
 
     @property
@@ -164,10 +170,13 @@ class OffloadEngine(OffloadedGeneration):
         self._t.peak_device_bytes = max(self._t.peak_device_bytes, self.device_bytes())
 
     # ---- moving experts -----------------------------------------------------------------
-    def _pending(self, layer: int) -> np.ndarray:
-        """bool [E]: experts of a layer still on the way. Only an emulated link has them: on a
-        real link the device orders the compute after the pool write, so an issued transfer
-        counts as landed at the next plan."""
+    def _pending(self, layer: int, queued=None) -> np.ndarray:
+        """bool [E]: experts of a layer still on the way: on an emulated link, transfers that have
+        not landed; on a real link, the prefetches `queued` for it (decisions.Fetches, not started
+        when its scores are known). Other transfers count as landed at the next plan: the device
+        orders the compute after the pool write."""
+        if queued is not None:
+            return np.asarray(D.loading(queued, self.config.num_experts))
         pending = np.zeros(self.config.num_experts, bool)
         for (l, e), tr in list(self._inflight.items()):
             if tr.ready():
@@ -209,19 +218,21 @@ class OffloadEngine(OffloadedGeneration):
             if tr is not None:
                 tr.wait()
 
-    def _drop_stale_prefetches(self, layer: int, m: int, needed: set[int]) -> bool:
-        """docs/method.md 4: once a layer's real scores are known, queued prefetches for it that the
-        link has not started and that the layer does not need are dropped (slot freed). Only
-        an emulated link queues transfers. -> whether any was."""
+    def _drop_stale_prefetches(self, layer: int, m: int, experts) -> bool:
+        """docs/method.md 4: once a layer's real scores are known (experts [N, k] it computes),
+        the queued prefetches for it that the link has not started and that it does not use are
+        dropped (`decisions.drop_prefetches`: slot freed). Only an emulated link queues
+        transfers. -> whether any was."""
+        needed = set(np.asarray(experts).ravel().tolist())
         drop = [e for (l, e), tr in self._inflight.items()
                 if l == layer and tr.kind == "prefetch" and e not in needed and self.link.cancel(tr)]
         if drop:
             ids = np.zeros(self.config.num_experts, np.int32)
             ids[: len(drop)] = drop
-            self.state = D.release_step(self.layout, self.state, np.int32(m), ids, np.arange(len(ids)) < len(drop))
+            queued = D.Fetches(ids, np.zeros_like(ids), np.int32(len(drop)))
+            self.state, _ = D.drop_step(self.layout, self.state, np.int32(m), experts, queued)
             for e in drop:
                 del self._inflight[(layer, e)]
-            self._t.prefetch_dropped += len(drop)
         return bool(drop)
 
     # ---- one MoE layer ------------------------------------------------------------------
@@ -231,13 +242,18 @@ class OffloadEngine(OffloadedGeneration):
         m = self.moe_ids.index(i)
         x, self.kv[i], h, dense, scores, weights, idx = _attn_route(gd, st, x, self.kv[i], pos)
         t0 = time.perf_counter()
-        pending = self._pending(i)
+        queued, self._queued = (self._queued[1] if self._queued else None), None  # real link: not started
+        pending = self._pending(i, queued)
         self.state, probs, experts, weights = D.substitute_step(cfg, pol, self.state, np.int32(m), scores, weights, idx,
                                                           self.similarity.get(m), pending)
         if self.recorder is not None:
             self.recorder.on_decode(i, np.asarray(idx), np.asarray(probs))
-        if pol.prefetch and self.link.emulated and self._drop_stale_prefetches(i, m, set(np.asarray(experts).ravel())):
+        if pol.prefetch and self.link.emulated and self._drop_stale_prefetches(i, m, experts):
             pending = self._pending(i)
+        if queued is not None:  # as the fused engine: drop the unused, load the rest first (pending to the plan)
+            self.state, queued = D.drop_step(self.layout, self.state, np.int32(m), experts, queued)
+            pending = self._pending(i, queued)
+            self._carry_out(i, queued, "prefetch")
         self.state, fetches, needed, before = D.plan_step(self.layout, pol, self.state, np.int32(m), experts, pending, probs)
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
@@ -255,7 +271,10 @@ class OffloadEngine(OffloadedGeneration):
             t0 = time.perf_counter()
             self.state, pf = D.prefetch_step(self.layout, pol, self.state, np.int32(m + 1), *predicted,
                                             (np.int32(m), *needed), self._pending(i + 1))
-            self._carry_out(i + 1, pf, "prefetch")
+            if self.link.emulated or pol.prefetch_width:
+                self._carry_out(i + 1, pf, "prefetch")
+            else:
+                self._queued = (i + 1, pf)
             self._t.sched_us[-1] += 1e6 * (time.perf_counter() - t0)
         self._note_peak()
         self._staging = [tr for tr in self._staging if tr.kind == "prefetch" and tr.key[0] == i + 1]

@@ -210,9 +210,12 @@ class FusedEngine(OffloadedGeneration):
         stack, None for the last, are arguments; jitted in _build).
 
         The paper's prefetch rule (any number of experts per layer) is decided after this
-        layer's compute and copied by the next layer's fetch loop, ahead of that layer's own
-        misses: one loop per layer, not two (a copy in a loop cannot overlap anything, and on a
-        GPU every loop makes the device wait for the host). With a fixed prefetch width P
+        layer's compute and queued: once the next layer's real scores are known, what it does
+        not use is dropped (`decisions.drop_prefetches`, the paper's rule for prefetches that
+        have not started) and the rest is copied by its fetch loop, ahead of its own misses. A
+        copy in a loop cannot overlap anything, so starting them earlier would gain nothing,
+        and one loop per layer instead of two saves a wait of the device for the host on a GPU
+        per layer. With a fixed prefetch width P
         (policy.prefetch_width) the next layer's prefetches are decided as soon as this layer's
         plan is made and copied by P unconditional fetches at the program's top level, started
         once this layer's own fetches have landed, so that XLA may overlap them with this
@@ -229,10 +232,14 @@ class FusedEngine(OffloadedGeneration):
                 state = D._count(state, name, v)
             out = dense + moe.experts_indexed(h, pool, mi * cfg.num_experts + idx, weights, cfg.quant)
             return x + out.reshape(x.shape), kv, pool, state, None
-        none = jnp.zeros(cfg.num_experts, bool)
-        state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, none)
-        state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, none, probs)
-        if isinstance(staged, D.Fetches):  # the previous layer's prefetches for this one: one loop
+        E, queued = cfg.num_experts, isinstance(staged, D.Fetches)  # the previous layer's prefetches, not started
+        pending = D.loading(staged, E) if queued else jnp.zeros(E, bool)  # not on the device: no substitutes
+        state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, pending)
+        if queued:  # drop what this layer does not use; the rest are pending (no hits) and load first
+            state, staged = D.drop_step(lay, state, mi, experts, staged)
+            pending = D.loading(staged, E)
+        state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, pending, probs)
+        if queued:
             fetches = D.join(staged, fetches)
         elif staged is not None:  # copied already; after the previous layer's reads (x_in depends on them)
             pool = land(pool, *staged, x_in)
@@ -240,7 +247,7 @@ class FusedEngine(OffloadedGeneration):
         if prefetch and width:  # from the pool before this layer's fetches land
             predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), jnp.zeros(E, bool))
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         if spec is not None:
             # started once this layer's own fetches have landed (the ids pass a barrier with the
@@ -249,15 +256,16 @@ class FusedEngine(OffloadedGeneration):
             # whole pool at width 2.)
             ids, _ = jax.lax.optimization_barrier((spec.experts, pool))
             spec = tuple(fetch_block(nxt_stack, e, self.store.device_sharding) for e in ids), spec
-        if prefetch and not width:  # the hits' blocks include the previous layer's prefetches: after the loop
-            predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
+        if prefetch and not width:  # from the experts resident when the scores were known
+            predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, (before >= 0) & ~pending[experts],
+                                     weights)
         slots = state["table"][mi][experts]  # [N, k]
         routed = moe.experts_indexed(h, pool, slots, weights, cfg.quant)
         x = x + (dense + routed).reshape(x.shape)
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
         if prefetch and not width:  # copied by the next layer's fetch loop, ahead of its own misses
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), jnp.zeros(E, bool))
         return x, kv, pool, state, spec
 
     def _moe_prefill(self, gd, lp, stack, mi, x, kv, pos, cos, sin, pool, state, valid):

@@ -38,7 +38,7 @@ class Telemetry:
         self.decode_hits, self.decode_unique, self.substituted, self.skipped, self.routed = (
             c["hits"], c["unique"], c["substituted"], c["skipped"], c["routed"])
         self.transfers, self.prefetch_issued, self.prefetch_used = c["fetched"], c["prefetch_issued"], c["prefetch_used"]
-        self.prefetch_idle = c["prefetch_idle"]
+        self.prefetch_idle, self.prefetch_dropped = c["prefetch_idle"], c["prefetch_dropped"]
         if idle_copies:
             self.transfers += c["prefetch_idle"]
         self.bytes_h2d_decode, self.bytes_h2d_prefill = self.transfers * expert_bytes, c["prefill_fetched"] * expert_bytes

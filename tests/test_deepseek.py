@@ -160,7 +160,7 @@ def test_every_policy_exact_at_alpha_zero_quarter_budget(engine_models, name):
 
 
 # a budget where each tiny model misses low-score experts with resident ones in the window
-SUBSTITUTING_BUDGET = {"deepseek": 0.25, "deepseek_v2": 0.5, "deepseek_v3": 0.375}
+SUBSTITUTING_BUDGET = {"deepseek": 0.375, "deepseek_v2": 0.5, "deepseek_v3": 0.375}
 
 
 @pytest.mark.parametrize("name", sorted(ENGINE_MODELS))

@@ -334,7 +334,7 @@ def test_slow_emulated_link_stays_exact_and_drops_stale_prefetches(models):
         e.state = {**e.state, "table": e.state["table"].at[1, expert].set(slot),
                    "owner": e.state["owner"].at[slot].set(1 * model.config.num_experts + expert)}
         e._load(1, expert, slot, "prefetch")
-    e._drop_stale_prefetches(1, 1, needed={4, 5})
+    e._drop_stale_prefetches(1, 1, np.array([[4, 5]], np.int32))
     assert e.telemetry.prefetch_dropped == 2
     assert np.nonzero(np.asarray(e.state["table"][1]) >= 0)[0].tolist() == [4]  # started first: kept
 

@@ -355,6 +355,38 @@ def test_join_loads_the_prefetches_first_so_a_later_miss_in_their_slot_stays():
     assert int(both.count) == 1 and int(both.experts[0]) == 2 and int(both.slots[0]) == 1
 
 
+def test_dropped_prefetch_costs_nothing_and_a_used_one_is_pending():
+    """Queued prefetches (the real link's schedule): once the layer's experts are known, an
+    unused one is dropped unloaded and its slot holds again the expert it had evicted (never
+    overwritten); a used one stays, pending to the plan: no hit, not fetched again."""
+    layout, policy = D.Layout(2, 4, 2), LRU()
+    state = D.init_state(layout)
+    state = _decode(state, layout, policy, 0, [[0]])[0]  # slot 0
+    state = _decode(state, layout, policy, 1, [[3]])[0]  # slot 1: the pool is full
+    state, _, _, needed = _decode(state, layout, policy, 0, [[0]])  # a hit
+    before = _counters(state)
+    state, pf = D.plan_prefetch(state, layout, policy, 1, jnp.array([1, 2], jnp.int32), jnp.array([True, True]),
+                                (0, *needed))
+    assert int(pf.count) == 1 and int(pf.slots[0]) == 1 and int(pf.previous[0]) == 1 * 4 + 3  # evicted (1, 3)
+    assert _owner(state, layout) == [(0, 0), (1, 1)]
+    dropped, left = D.drop_prefetches(state, layout, 1, jnp.array([[3]], jnp.int32), pf)
+    assert int(left.count) == 0 and _owner(dropped, layout) == [(0, 0), (1, 3)]
+    _check_consistent(dropped, layout)
+    c = _counters(dropped)
+    assert (c["prefetch_dropped"], c["prefetch_issued"], c["fetched"]) == (1, before["prefetch_issued"], before["fetched"])
+    assert not np.asarray(dropped["prefetched"]).any()
+    dropped, _, _, _ = _decode(dropped, layout, policy, 1, [[3]])
+    assert _counters(dropped)["hits"] == before["hits"] + 1  # (1, 3) is back: a hit
+    # used: kept, loaded first, pending to the plan (no hit, not fetched again), counted as used
+    kept_state, left = D.drop_prefetches(state, layout, 1, jnp.array([[1]], jnp.int32), pf)
+    assert int(left.count) == 1 and int(left.experts[0]) == 1 and int(left.slots[0]) == 1
+    kept_state, f, _ = D.plan_decode(kept_state, layout, policy, 1, jnp.array([[1]], jnp.int32),
+                                     D.loading(left, layout.experts))
+    c = _counters(kept_state)
+    assert int(f.count) == 0 and c["hits"] == before["hits"] and c["prefetch_used"] == 1
+    assert c["fetched"] == before["fetched"] + 1 and c["prefetch_dropped"] == 0
+
+
 def test_compact_and_ascending_count_as_a_stable_sort_would():
     """compact and ascending work by counting, not sorting: the same results as a stable
     argsort on random inputs (repeated values included: ascending's padding repeats)."""

@@ -16,7 +16,8 @@ CacheState (a dict of arrays; L = MoE layers, E = experts per layer, S = pool sl
   counters          hits, unique, routed, substituted, skipped (dropped by --substitute skip),
                     fetched (decode transfers, prefetches included), prefill_fetched,
                     prefetch_issued, prefetch_used, prefetch_idle (fixed-width prefetch slots
-                    left without an expert: the fused engine copies a block for nothing)
+                    left without an expert: the fused engine copies a block for nothing),
+                    prefetch_dropped (queued prefetches dropped unloaded: `drop_prefetches`)
 Slots are shared by all MoE layers (the paper's global cache) or split evenly per layer
 (`Layout.ranges`). A plan fills slots in this order: free slots (lowest first), then the
 policy's eviction order (`Policy.eviction_keys`, ties to the lowest slot); experts the layer
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 COUNTERS = ("hits", "unique", "routed", "substituted", "skipped", "fetched", "prefill_fetched", "prefetch_issued",
-            "prefetch_used", "prefetch_idle")
+            "prefetch_used", "prefetch_idle", "prefetch_dropped")
 
 
 @dataclass(frozen=True)
@@ -215,14 +216,16 @@ def observe(state, m: int, probs):
 
 @dataclass
 class Fetches:
-    """What to load: experts[:count] of one layer into slots[:count] (arrays of a fixed size)."""
+    """What to load: experts[:count] of one layer into slots[:count] (arrays of a fixed size);
+    for prefetches, previous: what each slot held before (layer * E + expert, -1 if free)."""
 
     experts: jax.Array
     slots: jax.Array
     count: jax.Array
+    previous: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "count"], meta_fields=[])
+jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "count", "previous"], meta_fields=[])
 
 
 def join(first: Fetches, then: Fetches) -> Fetches:
@@ -312,10 +315,43 @@ def plan_prefetch(state, layout: Layout, policy, m: int, predicted, valid, shiel
         want, nf = want[:P], jnp.minimum(nf, P)
         state = _count(state, "prefetch_idle", P - nf)
     slots = choose_slots(state, layout, policy, m, nf, shield, want.shape[0])
+    previous = state["owner"].at[slots].get(mode="fill", fill_value=-1)  # slots past nf are S: -1
     state = assign(state, layout, m, want, slots, nf)
     state = {**state, "prefetched": put(state["prefetched"], m * E + want, True, jnp.arange(want.shape[0]) < nf)}
     state = _count(_count(state, "prefetch_issued", nf), "fetched", nf)
-    return state, Fetches(want, slots, nf)
+    return state, Fetches(want, slots, nf, previous)
+
+
+def loading(fetches: Fetches, E: int):
+    """bool [E]: the experts of a Fetches (on the way: `pending` to the plans)."""
+    return member(fetches.experts, jnp.arange(fetches.experts.shape[0]) < fetches.count, E)
+
+
+def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
+    """docs/method.md 4: once MoE layer m's real scores are known (experts [N, k] it computes,
+    after substitution), the prefetches queued for it whose loads have not started (queued:
+    their Fetches) and that it does not use are dropped: released (their slots free), never
+    loaded, so no longer counted as fetched nor issued. A dropped prefetch's slot still holds
+    the expert the prefetch evicted (queued.previous; its block was never overwritten): that
+    expert is resident again, so a wrong prediction costs nothing. -> (state, the queued
+    Fetches that are still to load, in their order: pending to the plan, neither hits nor
+    fetched again)."""
+    E = layout.experts
+    ok = jnp.arange(queued.experts.shape[0]) < queued.count
+    drop = ok & ~member(experts, True, E)[queued.experts]  # [M]
+    n = drop.sum()
+    state = release(state, layout, m, queued.experts, drop)
+    state = {**state, "prefetched": put(state["prefetched"], m * E + queued.experts, False, drop)}
+    if queued.previous is not None:
+        prev = queued.previous
+        back = drop & (prev >= 0) & (state["table"].reshape(-1)[jnp.maximum(prev, 0)] < 0)
+        state = {**state, "table": put(state["table"], prev, queued.slots, back),
+                 "owner": put(state["owner"], queued.slots, prev, back)}
+    for name, v in (("prefetch_dropped", n), ("fetched", -n), ("prefetch_issued", -n)):
+        state = _count(state, name, v)
+    experts_left, left = compact(queued.experts, ok & ~drop)
+    slots_left, _ = compact(queued.slots, ok & ~drop)
+    return state, Fetches(experts_left, slots_left, left)
 
 
 def plan_prefill_group(state, layout: Layout, policy, m: int, group, ok):
@@ -368,6 +404,11 @@ def plan_step(layout, policy, state, m, experts, pending, probs):
     if policy.needs_probs:
         state = observe(state, m, probs)
     return state, fetches, needed, before
+
+
+@partial(jax.jit, static_argnums=(0,))
+def drop_step(layout, state, m, experts, queued):
+    return drop_prefetches(state, layout, m, experts, queued)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
