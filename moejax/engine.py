@@ -229,7 +229,8 @@ class OffloadEngine(OffloadedGeneration):
         if drop:
             ids = np.zeros(self.config.num_experts, np.int32)
             ids[: len(drop)] = drop
-            queued = D.Fetches(ids, np.zeros_like(ids), np.int32(len(drop)))
+            slots = np.asarray(self.state["table"])[m, ids].astype(np.int32)  # entries past the count unused
+            queued = D.Fetches(ids, slots, np.int32(len(drop)))
             self.state, _ = D.drop_step(self.layout, self.state, np.int32(m), experts, queued)
             for e in drop:
                 del self._inflight[(layer, e)]

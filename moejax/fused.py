@@ -7,9 +7,10 @@ of missing experts into the donated device pool (`cache.write_fetches`: a dynami
 the host stack + device_put per missing expert, by default in a loop over the layer's misses,
 so that a resident expert moves no bytes),
 the expert compute from the pool, and for prefetching policies the next layer's prediction
-and its prefetches (copied by the next layer's fetch loop, or with a fixed prefetch width by
-unconditional copies that overlap compute). Then the LM head and sampling. The host sends a token and gets the next
-one; decision state and telemetry counters stay on the device and are read once per run.
+and its prefetches (queued for the next layer's fetch loop, or with a fixed prefetch width
+copied by unconditional copies that overlap compute). Then the LM head and sampling. The host
+sends a token and gets the next one; decision state and telemetry counters stay on the device
+and are read once per run.
 
 Layers are unrolled in Python (no scan over layers with host slices). Programs are compiled
 ahead of time, once per engine and sampling setting (prefill: once per padded prompt
@@ -215,11 +216,11 @@ class FusedEngine(OffloadedGeneration):
         have not started) and the rest is copied by its fetch loop, ahead of its own misses. A
         copy in a loop cannot overlap anything, so starting them earlier would gain nothing,
         and one loop per layer instead of two saves a wait of the device for the host on a GPU
-        per layer. With a fixed prefetch width P
-        (policy.prefetch_width) the next layer's prefetches are decided as soon as this layer's
-        plan is made and copied by P unconditional fetches at the program's top level, started
-        once this layer's own fetches have landed, so that XLA may overlap them with this
-        layer's expert compute and the next layer's attention.
+        per layer. With a fixed prefetch width P (policy.prefetch_width) the next layer's
+        prefetches are decided as soon as this layer's plan is made and copied by P
+        unconditional fetches at the program's top level, started once this layer's own
+        fetches have landed, so that XLA may overlap them with this layer's expert compute and
+        the next layer's attention.
         `staged`: the previous layer's prefetches for this one, Fetches (rule) or (blocks,
         Fetches) copied already (width P). Returns (x, kv, pool, state, this layer's staged
         prefetches or None)."""

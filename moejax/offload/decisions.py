@@ -336,17 +336,18 @@ def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
     expert is resident again, so a wrong prediction costs nothing. -> (state, the queued
     Fetches that are still to load, in their order: pending to the plan, neither hits nor
     fetched again)."""
-    E = layout.experts
-    ok = jnp.arange(queued.experts.shape[0]) < queued.count
+    E, M = layout.experts, queued.experts.shape[0]
+    ok = jnp.arange(M) < queued.count
     drop = ok & ~member(experts, True, E)[queued.experts]  # [M]
+    prev = jnp.full(M, -1, jnp.int32) if queued.previous is None else queued.previous
+    back = drop & (prev >= 0) & (state["table"].reshape(-1)[jnp.maximum(prev, 0)] < 0)
+    mine = m * E + queued.experts
+    # one write each: the dropped experts leave their slots, which hold their previous experts again
+    table = put(state["table"], jnp.concatenate([mine, prev]), jnp.concatenate([jnp.full(M, -1), queued.slots]),
+                jnp.concatenate([drop, back]))
+    state = {**state, "table": table, "owner": put(state["owner"], queued.slots, jnp.where(back, prev, -1), drop),
+             "prefetched": put(state["prefetched"], mine, False, drop)}
     n = drop.sum()
-    state = release(state, layout, m, queued.experts, drop)
-    state = {**state, "prefetched": put(state["prefetched"], m * E + queued.experts, False, drop)}
-    if queued.previous is not None:
-        prev = queued.previous
-        back = drop & (prev >= 0) & (state["table"].reshape(-1)[jnp.maximum(prev, 0)] < 0)
-        state = {**state, "table": put(state["table"], prev, queued.slots, back),
-                 "owner": put(state["owner"], queued.slots, prev, back)}
     for name, v in (("prefetch_dropped", n), ("fetched", -n), ("prefetch_issued", -n)):
         state = _count(state, name, v)
     experts_left, left = compact(queued.experts, ok & ~drop)
