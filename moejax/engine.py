@@ -170,13 +170,13 @@ class OffloadEngine(OffloadedGeneration):
         self._t.peak_device_bytes = max(self._t.peak_device_bytes, self.device_bytes())
 
     # ---- moving experts -----------------------------------------------------------------
-    def _pending(self, layer: int, queued=None) -> np.ndarray:
+    def _pending(self, layer: int, queued=None, keep=None) -> np.ndarray:
         """bool [E]: experts of a layer still on the way: on an emulated link, transfers that have
         not landed; on a real link, the prefetches `queued` for it (decisions.Fetches, not started
-        when its scores are known). Other transfers count as landed at the next plan: the device
-        orders the compute after the pool write."""
+        when its scores are known; those `keep` marks). Other transfers count as landed at the
+        next plan: the device orders the compute after the pool write."""
         if queued is not None:
-            return np.asarray(D.loading(queued, self.config.num_experts))
+            return np.asarray(D.loading(queued, self.config.num_experts, keep))
         pending = np.zeros(self.config.num_experts, bool)
         for (l, e), tr in list(self._inflight.items()):
             if tr.ready():
@@ -252,9 +252,10 @@ class OffloadEngine(OffloadedGeneration):
         if pol.prefetch and self.link.emulated and self._drop_stale_prefetches(i, m, experts):
             pending = self._pending(i)
         if queued is not None:  # as the fused engine: drop the unused, load the rest first (pending to the plan)
-            self.state, queued = D.drop_step(self.layout, self.state, np.int32(m), experts, queued)
-            pending = self._pending(i, queued)
-            self._carry_out(i, queued, "prefetch")
+            self.state, keep = D.drop_step(self.layout, self.state, np.int32(m), experts, queued)
+            pending = self._pending(i, queued, keep)
+            keep, experts_q, slots_q = jax.device_get((keep, queued.experts, queued.slots))
+            self._carry_out(i, D.Fetches(experts_q[keep], slots_q[keep], np.int32(keep.sum())), "prefetch")
         self.state, fetches, needed, before = D.plan_step(self.layout, pol, self.state, np.int32(m), experts, pending, probs)
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land

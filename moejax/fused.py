@@ -237,11 +237,11 @@ class FusedEngine(OffloadedGeneration):
         pending = D.loading(staged, E) if queued else jnp.zeros(E, bool)  # not on the device: no substitutes
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, pending)
         if queued:  # drop what this layer does not use; the rest are pending (no hits) and load first
-            state, staged = D.drop_step(lay, state, mi, experts, staged)
-            pending = D.loading(staged, E)
+            state, keep = D.drop_step(lay, state, mi, experts, staged)
+            pending = D.loading(staged, E, keep)
         state, fetches, needed, before = D.plan_step(lay, pol, state, mi, experts, pending, probs)
         if queued:
-            fetches = D.join(staged, fetches)
+            fetches = D.join(staged, fetches, keep)
         elif staged is not None:  # copied already; after the previous layer's reads (x_in depends on them)
             pool = land(pool, *staged, x_in)
         prefetch, width, spec = pol.prefetch and nxt is not None, pol.prefetch_width, None

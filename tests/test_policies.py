@@ -349,6 +349,9 @@ def test_join_loads_the_prefetches_first_so_a_later_miss_in_their_slot_stays():
     n = int(both.count)
     assert (n, np.asarray(both.experts)[:n].tolist(), np.asarray(both.slots)[:n].tolist()) == (2, [1, 2], [1, 1])
     assert _owner(state, layout) == [(0, 0), (1, 2)]
+    # a prefetch the layer dropped (keep False) is not loaded
+    both = D.join(pf, miss, jnp.array([False]))
+    assert int(both.count) == 1 and int(both.experts[0]) == 2 and int(both.slots[0]) == 1
     # no prefetch: the misses alone
     none = D.Fetches(jnp.zeros(3, jnp.int32), jnp.full(3, 2, jnp.int32), jnp.int32(0))
     both = D.join(none, miss)
@@ -369,8 +372,8 @@ def test_dropped_prefetch_costs_nothing_and_a_used_one_is_pending():
                                 (0, *needed))
     assert int(pf.count) == 1 and int(pf.slots[0]) == 1 and int(pf.previous[0]) == 1 * 4 + 3  # evicted (1, 3)
     assert _owner(state, layout) == [(0, 0), (1, 1)]
-    dropped, left = D.drop_prefetches(state, layout, 1, jnp.array([[3]], jnp.int32), pf)
-    assert int(left.count) == 0 and _owner(dropped, layout) == [(0, 0), (1, 3)]
+    dropped, keep = D.drop_prefetches(state, layout, 1, jnp.array([[3]], jnp.int32), pf)
+    assert not np.asarray(keep).any() and _owner(dropped, layout) == [(0, 0), (1, 3)]
     _check_consistent(dropped, layout)
     c = _counters(dropped)
     assert (c["prefetch_dropped"], c["prefetch_issued"], c["fetched"]) == (1, before["prefetch_issued"], before["fetched"])
@@ -378,10 +381,10 @@ def test_dropped_prefetch_costs_nothing_and_a_used_one_is_pending():
     dropped, _, _, _ = _decode(dropped, layout, policy, 1, [[3]])
     assert _counters(dropped)["hits"] == before["hits"] + 1  # (1, 3) is back: a hit
     # used: kept, loaded first, pending to the plan (no hit, not fetched again), counted as used
-    kept_state, left = D.drop_prefetches(state, layout, 1, jnp.array([[1]], jnp.int32), pf)
-    assert int(left.count) == 1 and int(left.experts[0]) == 1 and int(left.slots[0]) == 1
+    kept_state, keep = D.drop_prefetches(state, layout, 1, jnp.array([[1]], jnp.int32), pf)
+    assert np.asarray(keep).tolist() == [True, False]  # the second entry is past the count
     kept_state, f, _ = D.plan_decode(kept_state, layout, policy, 1, jnp.array([[1]], jnp.int32),
-                                     D.loading(left, layout.experts))
+                                     D.loading(pf, layout.experts, keep))
     c = _counters(kept_state)
     assert int(f.count) == 0 and c["hits"] == before["hits"] and c["prefetch_used"] == 1
     assert c["fetched"] == before["fetched"] + 1 and c["prefetch_dropped"] == 0

@@ -228,12 +228,12 @@ class Fetches:
 jax.tree_util.register_dataclass(Fetches, data_fields=["experts", "slots", "count", "previous"], meta_fields=[])
 
 
-def join(first: Fetches, then: Fetches) -> Fetches:
-    """One list of loads: first's, then then's (of the same host stack; fixed size the sum of
-    both). A later entry may reuse an earlier one's slot (a layer's miss evicting an expert the
-    previous layer prefetched for it and it does not use): it is loaded later, so it stays."""
-    ok = jnp.concatenate([jnp.arange(first.experts.shape[0]) < first.count,
-                          jnp.arange(then.experts.shape[0]) < then.count])
+def join(first: Fetches, then: Fetches, keep=None) -> Fetches:
+    """One list of loads: first's (those keep [M] marks, if given), then then's (of the same host
+    stack; fixed size the sum of both). A later entry may reuse an earlier one's slot (a layer's
+    miss evicting an expert the previous layer prefetched for it and it does not use): it is
+    loaded later, so it stays."""
+    ok = jnp.concatenate([_valid(first, keep), jnp.arange(then.experts.shape[0]) < then.count])
     experts, n = compact(jnp.concatenate([first.experts, then.experts]), ok)
     slots, _ = compact(jnp.concatenate([first.slots, then.slots]), ok)
     return Fetches(experts, slots, n)
@@ -322,9 +322,15 @@ def plan_prefetch(state, layout: Layout, policy, m: int, predicted, valid, shiel
     return state, Fetches(want, slots, nf, previous)
 
 
-def loading(fetches: Fetches, E: int):
-    """bool [E]: the experts of a Fetches (on the way: `pending` to the plans)."""
-    return member(fetches.experts, jnp.arange(fetches.experts.shape[0]) < fetches.count, E)
+def _valid(fetches: Fetches, keep=None):
+    """bool [M]: the entries of a Fetches within its count (and marked by keep [M], if given)."""
+    ok = jnp.arange(fetches.experts.shape[0]) < fetches.count
+    return ok if keep is None else ok & keep
+
+
+def loading(fetches: Fetches, E: int, keep=None):
+    """bool [E]: the experts of a Fetches (those keep marks; on the way: `pending` to the plans)."""
+    return member(fetches.experts, _valid(fetches, keep), E)
 
 
 def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
@@ -333,11 +339,11 @@ def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
     their Fetches) and that it does not use are dropped: released (their slots free), never
     loaded, so no longer counted as fetched nor issued. A dropped prefetch's slot still holds
     the expert the prefetch evicted (queued.previous; its block was never overwritten): that
-    expert is resident again, so a wrong prediction costs nothing. -> (state, the queued
-    Fetches that are still to load, in their order: pending to the plan, neither hits nor
-    fetched again)."""
+    expert is resident again, so a wrong prediction costs nothing. -> (state, keep [M]: the
+    queued entries still to load, in their order: pending to the plan, neither hits nor fetched
+    again; `join` and `loading` take it)."""
     E, M = layout.experts, queued.experts.shape[0]
-    ok = jnp.arange(M) < queued.count
+    ok = _valid(queued)
     drop = ok & ~member(experts, True, E)[queued.experts]  # [M]
     prev = jnp.full(M, -1, jnp.int32) if queued.previous is None else queued.previous
     back = drop & (prev >= 0) & (state["table"].reshape(-1)[jnp.maximum(prev, 0)] < 0)
@@ -350,9 +356,7 @@ def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
     n = drop.sum()
     for name, v in (("prefetch_dropped", n), ("fetched", -n), ("prefetch_issued", -n)):
         state = _count(state, name, v)
-    experts_left, left = compact(queued.experts, ok & ~drop)
-    slots_left, _ = compact(queued.slots, ok & ~drop)
-    return state, Fetches(experts_left, slots_left, left)
+    return state, ok & ~drop
 
 
 def plan_prefill_group(state, layout: Layout, policy, m: int, group, ok):
