@@ -151,7 +151,7 @@ class OffloadEngine(OffloadedGeneration):
         self.kv = list(empty_cache(self.config, self.batch, self.cache_len, self.dtype))
         self._inflight: dict[tuple[int, int], Transfer] = {}  # emulated link: transfers not yet landed
         self._staging: list[Transfer] = []
-        self._queued = None  # real link: (layer, Fetches) prefetches planned for the next layer, not started
+        self._queued = None  # real link: Fetches of the prefetches planned for the next MoE layer, not started
         self._t = Telemetry()
 
     @property
@@ -170,14 +170,13 @@ class OffloadEngine(OffloadedGeneration):
         self._t.peak_device_bytes = max(self._t.peak_device_bytes, self.device_bytes())
 
     # ---- moving experts -----------------------------------------------------------------
-    def _pending(self, layer: int, queued=None, keep=None) -> np.ndarray:
+    def _pending(self, layer: int, queued=()) -> np.ndarray:
         """bool [E]: experts of a layer still on the way: on an emulated link, transfers that have
-        not landed; on a real link, the prefetches `queued` for it (decisions.Fetches, not started
-        when its scores are known; those `keep` marks). Other transfers count as landed at the
-        next plan: the device orders the compute after the pool write."""
-        if queued is not None:
-            return np.asarray(D.loading(queued, self.config.num_experts, keep))
+        not landed; on a real link, the prefetches `queued` for it (expert ids, not started when
+        its scores are known). Other transfers count as landed at the next plan: the device
+        orders the compute after the pool write."""
         pending = np.zeros(self.config.num_experts, bool)
+        pending[np.asarray(queued, np.int64)] = True
         for (l, e), tr in list(self._inflight.items()):
             if tr.ready():
                 del self._inflight[(l, e)]
@@ -243,8 +242,11 @@ class OffloadEngine(OffloadedGeneration):
         m = self.moe_ids.index(i)
         x, self.kv[i], h, dense, scores, weights, idx = _attn_route(gd, st, x, self.kv[i], pos)
         t0 = time.perf_counter()
-        queued, self._queued = (self._queued[1] if self._queued else None), None  # real link: not started
-        pending = self._pending(i, queued)
+        queued, self._queued = self._queued, None  # real link: the previous layer's prefetches, not started
+        if queued is not None:
+            n, q_experts, q_slots = jax.device_get((queued.count, queued.experts, queued.slots))  # one read
+            q_experts, q_slots = q_experts[:n], q_slots[:n]
+        pending = self._pending(i, () if queued is None else q_experts)
         self.state, probs, experts, weights = D.substitute_step(cfg, pol, self.state, np.int32(m), scores, weights, idx,
                                                           self.similarity.get(m), pending)
         if self.recorder is not None:
@@ -253,9 +255,9 @@ class OffloadEngine(OffloadedGeneration):
             pending = self._pending(i)
         if queued is not None:  # as the fused engine: drop the unused, load the rest first (pending to the plan)
             self.state, keep = D.drop_step(self.layout, self.state, np.int32(m), experts, queued)
-            pending = self._pending(i, queued, keep)
-            keep, experts_q, slots_q = jax.device_get((keep, queued.experts, queued.slots))
-            self._carry_out(i, D.Fetches(experts_q[keep], slots_q[keep], np.int32(keep.sum())), "prefetch")
+            keep = np.asarray(keep)[:n]
+            pending = self._pending(i, q_experts[keep])
+            self._carry_out(i, D.Fetches(q_experts[keep], q_slots[keep], np.int32(keep.sum())), "prefetch")
         self.state, fetches, needed, before = D.plan_step(self.layout, pol, self.state, np.int32(m), experts, pending, probs)
         nxt = i + 1 < cfg.num_layers and cfg.moe_layers[i + 1]
         if pol.prefetch and nxt:  # from the pool before this layer's fetches land
@@ -276,7 +278,7 @@ class OffloadEngine(OffloadedGeneration):
             if self.link.emulated or pol.prefetch_width:
                 self._carry_out(i + 1, pf, "prefetch")
             else:
-                self._queued = (i + 1, pf)
+                self._queued = pf
             self._t.sched_us[-1] += 1e6 * (time.perf_counter() - t0)
         self._note_peak()
         self._staging = [tr for tr in self._staging if tr.kind == "prefetch" and tr.key[0] == i + 1]

@@ -234,7 +234,8 @@ class FusedEngine(OffloadedGeneration):
             out = dense + moe.experts_indexed(h, pool, mi * cfg.num_experts + idx, weights, cfg.quant)
             return x + out.reshape(x.shape), kv, pool, state, None
         E, queued = cfg.num_experts, isinstance(staged, D.Fetches)  # the previous layer's prefetches, not started
-        pending = D.loading(staged, E) if queued else jnp.zeros(E, bool)  # not on the device: no substitutes
+        none = jnp.zeros(E, bool)
+        pending = D.loading(staged, E) if queued else none  # not on the device: no substitutes
         state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, pending)
         if queued:  # drop what this layer does not use; the rest are pending (no hits) and load first
             state, keep = D.drop_step(lay, state, mi, experts, staged)
@@ -248,7 +249,7 @@ class FusedEngine(OffloadedGeneration):
         if prefetch and width:  # from the pool before this layer's fetches land
             predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), jnp.zeros(E, bool))
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         if spec is not None:
             # started once this layer's own fetches have landed (the ids pass a barrier with the
@@ -266,7 +267,7 @@ class FusedEngine(OffloadedGeneration):
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
         if prefetch and not width:  # copied by the next layer's fetch loop, ahead of its own misses
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), jnp.zeros(E, bool))
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
         return x, kv, pool, state, spec
 
     def _moe_prefill(self, gd, lp, stack, mi, x, kv, pos, cos, sin, pool, state, valid):
