@@ -248,7 +248,7 @@ class OffloadEngine(OffloadedGeneration):
             q_experts, q_slots = q_experts[:n], q_slots[:n]
         pending = self._pending(i, () if queued is None else q_experts)
         self.state, probs, experts, weights = D.substitute_step(cfg, pol, self.state, np.int32(m), scores, weights, idx,
-                                                          self.similarity.get(m), pending)
+                                                          self.similarity.get(m), pending, queued)
         if self.recorder is not None:
             self.recorder.on_decode(i, np.asarray(idx), np.asarray(probs))
         if pol.prefetch and self.link.emulated and self._drop_stale_prefetches(i, m, experts):

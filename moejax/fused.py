@@ -213,7 +213,9 @@ class FusedEngine(OffloadedGeneration):
         The paper's prefetch rule (any number of experts per layer) is decided after this
         layer's compute and queued: once the next layer's real scores are known, what it does
         not use is dropped (`decisions.drop_prefetches`, the paper's rule for prefetches that
-        have not started) and the rest is copied by its fetch loop, ahead of its own misses. A
+        have not started; also a prefetch that evicted an expert the layer uses: until the copy
+        starts the evicted expert is a substitute like any resident one) and the rest is copied
+        by its fetch loop, ahead of its own misses. A
         copy in a loop cannot overlap anything, so starting them earlier would gain nothing,
         and one loop per layer instead of two saves a wait of the device for the host on a GPU
         per layer. With a fixed prefetch width P (policy.prefetch_width) the next layer's
@@ -236,7 +238,8 @@ class FusedEngine(OffloadedGeneration):
         E, queued = cfg.num_experts, isinstance(staged, D.Fetches)  # the previous layer's prefetches, not started
         none = jnp.zeros(E, bool)
         pending = D.loading(staged, E) if queued else none  # not on the device: no substitutes
-        state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, pending)
+        state, probs, experts, weights = D.substitute_step(cfg, pol, state, mi, scores, weights, idx, sim, pending,
+                                                           staged if queued else None)
         if queued:  # drop what this layer does not use; the rest are pending (no hits) and load first
             state, keep = D.drop_step(lay, state, mi, experts, staged)
             pending = D.loading(staged, E, keep)

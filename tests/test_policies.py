@@ -4,6 +4,8 @@ Every plan is run eagerly on a small pool; the expected slots, experts and count
 worked out by hand in the comments (the clock ticks once per expert use, in first-use order).
 """
 
+from dataclasses import dataclass
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -388,6 +390,65 @@ def test_dropped_prefetch_costs_nothing_and_a_used_one_is_pending():
     c = _counters(kept_state)
     assert int(f.count) == 0 and c["hits"] == before["hits"] and c["prefetch_used"] == 1
     assert c["fetched"] == before["fetched"] + 1 and c["prefetch_dropped"] == 0
+
+
+def test_a_prefetch_that_evicted_an_expert_the_layer_uses_is_dropped():
+    """A queued prefetch the layer uses, but whose slot held another expert the layer uses:
+    loading it would send that expert over the link again. Dropped instead, the evicted
+    expert is a hit and the prefetched one a miss of the plan: one load instead of two."""
+    layout, policy = D.Layout(2, 4, 2), LRU()
+    state = D.init_state(layout)
+    state = _decode(state, layout, policy, 0, [[0]])[0]  # slot 0
+    state = _decode(state, layout, policy, 1, [[3]])[0]  # slot 1: the pool is full
+    state, _, _, needed = _decode(state, layout, policy, 0, [[0]])
+    before = _counters(state)
+    state, pf = D.plan_prefetch(state, layout, policy, 1, jnp.array([1], jnp.int32), jnp.array([True]), (0, *needed))
+    assert int(pf.count) == 1 and int(pf.previous[0]) == 1 * 4 + 3  # (1, 1) evicts (1, 3)
+    experts = jnp.array([[1, 3]], jnp.int32)  # the layer uses both
+    state, keep = D.drop_prefetches(state, layout, 1, experts, pf)
+    assert not np.asarray(keep).any() and _owner(state, layout) == [(0, 0), (1, 3)]
+    state, miss, _ = D.plan_decode(state, layout, policy, 1, experts, D.loading(pf, layout.experts, keep))
+    loads = D.join(pf, miss, keep)
+    n = int(loads.count)
+    assert (n, np.asarray(loads.experts)[:n].tolist(), np.asarray(loads.slots)[:n].tolist()) == (1, [1], [0])
+    _check_consistent(state, layout)
+    c = _counters(state)
+    assert c["hits"] == before["hits"] + 1 and c["fetched"] == before["fetched"] + 1 and c["prefetch_dropped"] == 1
+    assert c["prefetch_issued"] == before["prefetch_issued"]
+
+
+@dataclass(frozen=True)
+class _Router:  # what substitute_step reads of a config
+    router: str = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+
+def test_an_expert_a_queued_prefetch_evicted_is_still_a_substitute():
+    """Until a queued prefetch loads, the expert it evicted is still in the pool: it is a
+    substitute like any resident expert, and using it drops the prefetch (one load, not two)."""
+    layout, policy = D.Layout(2, 4, 2), make_policy("smoe", alpha=0.5)
+    state = D.init_state(layout)
+    state = _decode(state, layout, policy, 0, [[0]])[0]  # slot 0
+    state = _decode(state, layout, policy, 1, [[3]])[0]  # slot 1: the pool is full
+    state, _, _, needed = _decode(state, layout, policy, 0, [[0]])
+    state, pf = D.plan_prefetch(state, layout, policy, 1, jnp.array([1], jnp.int32), jnp.array([True]), (0, *needed))
+    assert int(pf.previous[0]) == 1 * 4 + 3 and np.asarray(D.evicted(pf, 1, 4)).tolist() == [0, 0, 0, 1]
+    # layer 1: expert 1 top-score (the prefetch), 2 low-score and missing; 3 in its window
+    probs = jnp.array([[0.08, 0.5, 0.22, 0.2]], jnp.float32)
+    idx, weights = jnp.array([[1, 2]], jnp.int32), jnp.array([[0.7, 0.3]], jnp.float32)
+    pending = D.loading(pf, 4)
+    args = (_Router(), policy, state, jnp.int32(1), probs, weights, idx, None, pending)
+    assert np.asarray(D.substitute_step(*args)[2]).tolist() == [[1, 2]]  # (1, 3) taken for gone: no substitute
+    state, _, experts, _ = D.substitute_step(*args, pf)
+    assert np.asarray(experts).tolist() == [[1, 3]]
+    state, keep = D.drop_prefetches(state, layout, 1, experts, pf)
+    assert not np.asarray(keep).any() and _owner(state, layout) == [(0, 0), (1, 3)]
+    before = _counters(state)
+    state, miss, _ = D.plan_decode(state, layout, policy, 1, experts, D.loading(pf, 4, keep))
+    loads = D.join(pf, miss, keep)
+    assert int(loads.count) == 1 and int(loads.experts[0]) == 1
+    assert _counters(state)["hits"] == before["hits"] + 1 and _counters(state)["substituted"] == 1
 
 
 def test_compact_and_ascending_count_as_a_stable_sort_would():

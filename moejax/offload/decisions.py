@@ -333,19 +333,34 @@ def loading(fetches: Fetches, E: int, keep=None):
     return member(fetches.experts, _valid(fetches, keep), E)
 
 
+def evicted(queued: Fetches, m: int, E: int):
+    """bool [E]: the experts of MoE layer m that prefetches queued (not started) evicted. Their
+    blocks are still in the pool: they may be used (as the router's choice or as substitutes),
+    which drops the prefetch that evicted them (`drop_prefetches`)."""
+    if queued.previous is None:
+        return jnp.zeros(E, bool)
+    prev = queued.previous
+    return member(jnp.maximum(prev, 0) % E, _valid(queued) & (prev >= 0) & (prev // E == m), E)
+
+
 def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
     """docs/method.md 4: once MoE layer m's real scores are known (experts [N, k] it computes,
     after substitution), the prefetches queued for it whose loads have not started (queued:
     their Fetches) and that it does not use are dropped: released (their slots free), never
     loaded, so no longer counted as fetched nor issued. A dropped prefetch's slot still holds
     the expert the prefetch evicted (queued.previous; its block was never overwritten): that
-    expert is resident again, so a wrong prediction costs nothing. -> (state, keep [M]: the
+    expert is resident again, so a wrong prediction costs nothing. A used prefetch that
+    evicted an expert this layer also uses (routed to, or as a substitute: `evicted`) is
+    dropped too: loading it would cost that expert a second transfer, while dropped it is one
+    miss of the plan, which shields the layer's experts (one load instead of two). -> (state,
+    keep [M]: the
     queued entries still to load, in their order: pending to the plan, neither hits nor fetched
     again; `join` and `loading` take it)."""
     E, M = layout.experts, queued.experts.shape[0]
     ok = _valid(queued)
-    drop = ok & ~member(experts, True, E)[queued.experts]  # [M]
+    used = member(experts, True, E)  # [E]
     prev = jnp.full(M, -1, jnp.int32) if queued.previous is None else queued.previous
+    drop = ok & (~used[queued.experts] | ((prev >= 0) & (prev // E == m) & used[jnp.maximum(prev, 0) % E]))
     back = drop & (prev >= 0) & (state["table"].reshape(-1)[jnp.maximum(prev, 0)] < 0)
     mine = m * E + queued.experts
     # one write each: the dropped experts leave their slots, which hold their previous experts again
@@ -391,12 +406,16 @@ def needed_sorted(idx, valid_tokens, E: int):
 # m, the MoE layer, is traced; pending [E]: transfers still in flight (stepwise, emulated link).
 
 @partial(jax.jit, static_argnums=(0, 1))
-def substitute_step(cfg, policy, state, m, scores, weights, idx, similarity, pending):
-    """-> (state, importance [N, E], experts [N, k], their weights [N, k])."""
+def substitute_step(cfg, policy, state, m, scores, weights, idx, similarity, pending, queued=None):
+    """-> (state, importance [N, E], experts [N, k], their weights [N, k]). queued: the
+    prefetches queued for layer m (Fetches, not started) or None: the experts they evicted are
+    substitutes too (`evicted`)."""
     from moejax.model.moe import importance
 
     probs = importance(scores, cfg.router)
     available = (state["table"][m] >= 0) & ~pending
+    if queued is not None:
+        available = available | evicted(queued, m, state["table"].shape[1])
     state, experts, changed = substitute_layer(state, policy, m, probs, idx, similarity, available)
     return state, probs, experts, reweigh(cfg, scores, experts, changed, weights, policy.mode)
 
