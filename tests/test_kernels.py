@@ -52,6 +52,21 @@ def test_experts_decode_matches_jnp(dt, N, H, I):
 
 
 @pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
+def test_terms_of_weight_zero_are_left_out_exactly(dt):
+    """The decode kernel skips terms of weight 0 (the engine's prediction weighs its misses 0):
+    the result is the jnp sum that computes them, and a token whose weights are all 0 gets 0."""
+    x, stack, ids, w = data(dt, 3, 48, 40, 9, 4)
+    w = w * jnp.asarray([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]], jnp.float32)
+    got = jax.jit(moe.experts_indexed)(x, stack, ids, w)
+    ref = jax.jit(moe._indexed_jnp, static_argnums=4)(x, stack, ids, w, None)
+    np.testing.assert_allclose(f32(got), f32(ref), atol=tol(dt, ref))
+    assert not np.asarray(f32(got)[1]).any()
+    # the skipped terms' rows do not matter
+    other = jax.jit(moe.experts_indexed)(x, stack, jnp.where(w == 0, 8 - ids, ids), w)
+    assert np.array_equal(f32(other), f32(got))
+
+
+@pytest.mark.parametrize("dt", [jnp.float32, jnp.bfloat16])
 def test_experts_ordered_matches_jnp_and_groups(dt):
     S, N, k = 10, 7, 3
     x, stack, _, _ = data(dt, N, 300, 40, S, k, seed=1)

@@ -750,9 +750,13 @@ ffi::Error Decode(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer stack, 
       weights.dimensions()[1] != d[1] || x.dimensions().size() != 2 || x.dimensions()[0] != d[0])
     return ffi::Error::InvalidArgument("moejax experts decode: ids, weights [N, k] and x [N, H] expected");
   auto job = reuse<Job>();
+  // A term of weight 0 adds exactly zero to a finite sum, so it is left out: the engine's
+  // prediction of the next layer computes only its hits (the misses weigh 0), and the skip
+  // baseline's dropped experts cost nothing.
   for (int64_t n = 0; n < d[0]; ++n)
     for (int64_t j = 0; j < d[1]; ++j)
-      job->list.push_back({int32_t(n), ids.typed_data()[n * d[1] + j], weights.typed_data()[n * d[1] + j]});
+      if (weights.typed_data()[n * d[1] + j] != 0.0f)
+        job->list.push_back({int32_t(n), ids.typed_data()[n * d[1] + j], weights.typed_data()[n * d[1] + j]});
   const Quant q = quant_of(bits, group_h, group_i, x.dimensions()[1], inter);
   return Run(pool, x, stack, q, inter, std::move(job), nullptr, out);
 }
