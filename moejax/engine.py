@@ -273,9 +273,10 @@ class OffloadEngine(OffloadedGeneration):
             self.state = D.release_step(self.layout, self.state, np.int32(m), *needed)
         if pol.prefetch and nxt:
             t0 = time.perf_counter()
+            now = self.link.emulated or pol.prefetch_width  # else queued, as the fused engine queues them
             self.state, pf = D.prefetch_step(self.layout, pol, self.state, np.int32(m + 1), *predicted,
-                                            (np.int32(m), *needed), self._pending(i + 1))
-            if self.link.emulated or pol.prefetch_width:
+                                            D.prefetch_shield(np.int32(m), needed, not now), self._pending(i + 1))
+            if now:
                 self._carry_out(i + 1, pf, "prefetch")
             else:
                 self._queued = pf

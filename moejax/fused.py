@@ -252,7 +252,8 @@ class FusedEngine(OffloadedGeneration):
         if prefetch and width:  # from the pool before this layer's fetches land
             predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, D.prefetch_shield(mi, needed, False),
+                                          none)
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         if spec is not None:
             # started once this layer's own fetches have landed (the ids pass a barrier with the
@@ -270,7 +271,7 @@ class FusedEngine(OffloadedGeneration):
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
         if prefetch and not width:  # copied by the next layer's fetch loop, ahead of its own misses
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, (mi, *needed), none)
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, D.prefetch_shield(mi, needed, True), none)
         return x, kv, pool, state, spec
 
     def _moe_prefill(self, gd, lp, stack, mi, x, kv, pos, cos, sin, pool, state, valid):

@@ -417,6 +417,23 @@ def test_a_prefetch_that_evicted_an_expert_the_layer_uses_is_dropped():
     assert c["prefetch_issued"] == before["prefetch_issued"]
 
 
+def test_queued_prefetches_shield_nothing_and_started_ones_the_running_layer():
+    """Prefetches that start at once (emulated link, fixed width) may not evict the experts of
+    the layer whose reads they may overlap; queued ones are copied after those reads, so they
+    choose their victims as any miss would."""
+    layout, policy = D.Layout(2, 4, 2), LRU()
+    state = D.init_state(layout)
+    state = _decode(state, layout, policy, 0, [[0]])[0]  # slot 0
+    state = _decode(state, layout, policy, 1, [[3]])[0]  # slot 1: the pool is full
+    state, _, _, needed = _decode(state, layout, policy, 0, [[0]])
+    predicted, valid = jnp.array([1, 2], jnp.int32), jnp.array([True, True])
+    now, pf = D.plan_prefetch(state, layout, policy, 1, predicted, valid, D.prefetch_shield(0, needed, False))
+    assert int(pf.count) == 1 and _owner(now, layout) == [(0, 0), (1, 1)]
+    queued, pf = D.plan_prefetch(state, layout, policy, 1, predicted, valid, D.prefetch_shield(0, needed, True))
+    assert int(pf.count) == 2 and np.asarray(pf.previous).tolist() == [0, 1 * 4 + 3]  # slots in ascending order
+    assert _owner(queued, layout) == [(1, 1), (1, 2)]
+
+
 @dataclass(frozen=True)
 class _Router:  # what substitute_step reads of a config
     router: str = "softmax"

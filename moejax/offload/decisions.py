@@ -294,7 +294,7 @@ def plan_decode(state, layout: Layout, policy, m: int, experts, pending=None):
 def plan_prefetch(state, layout: Layout, policy, m: int, predicted, valid, shield_experts, pending=None):
     """Speculative loads for MoE layer m: the unique predicted experts [M] (valid entries,
     in order) not on the device nor on the way, as many as fit without evicting the
-    shielded ones (the current layer's experts: (layer, uniq [U], ok [U])) -> (state, Fetches).
+    shielded ones ((layer, uniq [U], ok [U]): `prefetch_shield`) -> (state, Fetches).
 
     policy.prefetch_width P > 0: predicted is a ranking of all E experts (`fused.predict_next`),
     and the first P of them that are missing are loaded; Fetches then has the fixed size P,
@@ -320,6 +320,16 @@ def plan_prefetch(state, layout: Layout, policy, m: int, predicted, valid, shiel
     state = {**state, "prefetched": put(state["prefetched"], m * E + want, True, jnp.arange(want.shape[0]) < nf)}
     state = _count(_count(state, "prefetch_issued", nf), "fetched", nf)
     return state, Fetches(want, slots, nf, previous)
+
+
+def prefetch_shield(m, needed, queued: bool) -> tuple:
+    """What prefetches planned after MoE layer m's compute may not evict (plan_prefetch's
+    shield_experts): m's experts (needed: uniq [U], ok [U]) when the copies start at once and
+    may overlap their reads (the paper's rule), nothing when they are queued for the next
+    layer's fetch loop, which runs after those reads: its victims are then chosen as a miss of
+    the next layer would choose them."""
+    uniq, ok = needed
+    return m, uniq, ok & (not queued)
 
 
 def _valid(fetches: Fetches, keep=None):
