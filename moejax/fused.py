@@ -215,10 +215,10 @@ class FusedEngine(OffloadedGeneration):
         not use is dropped (`decisions.drop_prefetches`, the paper's rule for prefetches that
         have not started; also a prefetch that evicted an expert the layer uses: until the copy
         starts the evicted expert is a substitute like any resident one) and the rest is copied
-        by its fetch loop, ahead of its own misses. A
-        copy in a loop cannot overlap anything, so starting them earlier would gain nothing,
-        and one loop per layer instead of two saves a wait of the device for the host on a GPU
-        per layer. With a fixed prefetch width P (policy.prefetch_width) the next layer's
+        by its fetch loop, ahead of its own misses; they shield nothing, as that loop runs after
+        this layer's reads. A copy in a loop cannot overlap anything, so starting them earlier
+        would gain nothing, and one loop per layer instead of two saves a wait of the device
+        for the host on a GPU per layer. With a fixed prefetch width P (policy.prefetch_width) the next layer's
         prefetches are decided as soon as this layer's plan is made and copied by P
         unconditional fetches at the program's top level, started once this layer's own
         fetches have landed, so that XLA may overlap them with this layer's expert compute and

@@ -362,10 +362,9 @@ def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
     expert is resident again, so a wrong prediction costs nothing. A used prefetch that
     evicted an expert this layer also uses (routed to, or as a substitute: `evicted`) is
     dropped too: loading it would cost that expert a second transfer, while dropped it is one
-    miss of the plan, which shields the layer's experts (one load instead of two). -> (state,
-    keep [M]: the
-    queued entries still to load, in their order: pending to the plan, neither hits nor fetched
-    again; `join` and `loading` take it)."""
+    miss of the plan, which shields the layer's experts (one load instead of two).
+    -> (state, keep [M]: the queued entries still to load, in their order: pending to the plan,
+    neither hits nor fetched again; `join` and `loading` take it)."""
     E, M = layout.experts, queued.experts.shape[0]
     ok = _valid(queued)
     used = member(experts, True, E)  # [E]
