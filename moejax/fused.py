@@ -218,9 +218,9 @@ class FusedEngine(OffloadedGeneration):
         by its fetch loop, ahead of its own misses; they shield nothing, as that loop runs after
         this layer's reads. A copy in a loop cannot overlap anything, so starting them earlier
         would gain nothing, and one loop per layer instead of two saves a wait of the device
-        for the host on a GPU per layer. With a fixed prefetch width P (policy.prefetch_width) the next layer's
-        prefetches are decided as soon as this layer's plan is made and copied by P
-        unconditional fetches at the program's top level, started once this layer's own
+        for the host on a GPU per layer. With a fixed prefetch width P (policy.prefetch_width)
+        the next layer's prefetches are decided as soon as this layer's plan is made and copied
+        by P unconditional fetches at the program's top level, started once this layer's own
         fetches have landed, so that XLA may overlap them with this layer's expert compute and
         the next layer's attention.
         `staged`: the previous layer's prefetches for this one, Fetches (rule) or (blocks,
@@ -252,8 +252,8 @@ class FusedEngine(OffloadedGeneration):
         if prefetch and width:  # from the pool before this layer's fetches land
             predicted = predict_next(cfg, pol, nxt, x, h, dense, pool, before, before >= 0, weights)
             fetches = dataclasses.replace(fetches, slots=ordered_after(fetches.slots, *predicted))
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, D.prefetch_shield(mi, needed, False),
-                                          none)
+            shield = D.prefetch_shield(mi, needed, False)
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, shield, none)
         pool = write_fetches(pool, stack, fetches, self.store.device_sharding, self.fetch_mode)
         if spec is not None:
             # started once this layer's own fetches have landed (the ids pass a barrier with the
@@ -271,7 +271,8 @@ class FusedEngine(OffloadedGeneration):
         if not pol.reuse:
             state = D.release_step(lay, state, mi, *needed)
         if prefetch and not width:  # copied by the next layer's fetch loop, ahead of its own misses
-            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, D.prefetch_shield(mi, needed, True), none)
+            shield = D.prefetch_shield(mi, needed, True)
+            state, spec = D.prefetch_step(lay, pol, state, mi + 1, *predicted, shield, none)
         return x, kv, pool, state, spec
 
     def _moe_prefill(self, gd, lp, stack, mi, x, kv, pos, cos, sin, pool, state, valid):

@@ -343,14 +343,26 @@ def loading(fetches: Fetches, E: int, keep=None):
     return member(fetches.experts, _valid(fetches, keep), E)
 
 
+def _previous(fetches: Fetches):
+    """[M] layer * E + expert that each entry's slot held before it (-1: free, or not known)."""
+    if fetches.previous is None:
+        return jnp.full(fetches.experts.shape[0], -1, jnp.int32)
+    return fetches.previous
+
+
+def _evicts(queued: Fetches, m: int, E: int):
+    """-> (bool [M]: the entries within the count that evicted an expert of MoE layer m, the
+    expert ids [M] they evicted)."""
+    prev = _previous(queued)
+    return _valid(queued) & (prev >= 0) & (prev // E == m), jnp.maximum(prev, 0) % E
+
+
 def evicted(queued: Fetches, m: int, E: int):
     """bool [E]: the experts of MoE layer m that prefetches queued (not started) evicted. Their
     blocks are still in the pool: they may be used (as the router's choice or as substitutes),
     which drops the prefetch that evicted them (`drop_prefetches`)."""
-    if queued.previous is None:
-        return jnp.zeros(E, bool)
-    prev = queued.previous
-    return member(jnp.maximum(prev, 0) % E, _valid(queued) & (prev >= 0) & (prev // E == m), E)
+    here, ids = _evicts(queued, m, E)
+    return member(ids, here, E)
 
 
 def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
@@ -366,10 +378,10 @@ def drop_prefetches(state, layout: Layout, m: int, experts, queued: Fetches):
     -> (state, keep [M]: the queued entries still to load, in their order: pending to the plan,
     neither hits nor fetched again; `join` and `loading` take it)."""
     E, M = layout.experts, queued.experts.shape[0]
-    ok = _valid(queued)
+    ok, prev = _valid(queued), _previous(queued)
     used = member(experts, True, E)  # [E]
-    prev = jnp.full(M, -1, jnp.int32) if queued.previous is None else queued.previous
-    drop = ok & (~used[queued.experts] | ((prev >= 0) & (prev // E == m) & used[jnp.maximum(prev, 0) % E]))
+    here, victims = _evicts(queued, m, E)
+    drop = ok & (~used[queued.experts] | (here & used[victims]))
     back = drop & (prev >= 0) & (state["table"].reshape(-1)[jnp.maximum(prev, 0)] < 0)
     mine = m * E + queued.experts
     # one write each: the dropped experts leave their slots, which hold their previous experts again
